@@ -1,0 +1,1 @@
+"""carebroker FHIR R4 server: HTTP API, FHIR interactions, search and storage."""

@@ -1,0 +1,333 @@
+"""The FHIR router: a FHIR request in, a FHIR response out, no HTTP framework in sight.
+
+The HTTP adapter (api/http.py) turns Starlette requests into `FhirRequest`s; batch and transaction
+Bundles can call the same router for each entry. The route table is also what the
+CapabilityStatement is generated from, so the server never claims an interaction it does not route.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from fhir_server import jsonfmt
+from conformance.capability import capability_statement
+from conformance.validation import supported_resource_types
+from fhir_server.outcome import FhirError, Issue, error, operation_outcome
+from fhir_server.service.interactions import FhirService, HistoryPage, Result
+from fhir_server.service.timefmt import now_us, parse_http_date, parse_instant, to_http_date, to_instant
+from fhir_server.storage.repository import Version
+
+FHIR_JSON = "application/fhir+json"
+JSON_PATCH = "application/json-patch+json"
+
+
+@dataclass
+class FhirRequest:
+    """A FHIR interaction request. `path` is relative to the FHIR base (`Patient/1/_history/2`)."""
+
+    method: str
+    path: str
+    params: list[tuple[str, str]] = field(default_factory=list)
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
+    body: bytes | None = None
+    base_url: str = "http://localhost/fhir"
+
+    def param(self, name: str) -> str | None:
+        return next((v for k, v in self.params if k == name), None)
+
+    @property
+    def query(self) -> str:
+        return urlencode(self.params)
+
+    def prefer(self, key: str) -> str | None:
+        """One token of the Prefer header, e.g. prefer('return') -> 'minimal'."""
+        for part in self.headers.get("prefer", "").split(","):
+            name, _, value = part.strip().partition("=")
+            if name.strip() == key:
+                return value.strip().strip('"')
+        return None
+
+
+@dataclass
+class FhirResponse:
+    status: int
+    body: bytes | None = None  # compact FHIR JSON
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[["FhirRouter", FhirRequest, list[str]], FhirResponse]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One routed interaction: HTTP method + path shape -> handler; `interaction` names it in the
+    CapabilityStatement (`level` is system, type or instance)."""
+
+    method: str
+    shape: str
+    interaction: str
+    level: str
+    handler: Handler
+
+
+class FhirRouter:
+    """Dispatches FHIR requests to the service layer and shapes FHIR responses."""
+
+    def __init__(self, service: FhirService, default_page_size: int = 50, max_page_size: int = 1000) -> None:
+        self.service = service
+        self.default_page_size = default_page_size
+        self.max_page_size = max_page_size
+        self.types = frozenset(supported_resource_types())
+
+    def handle(self, req: FhirRequest) -> FhirResponse:
+        try:
+            return self._dispatch(req)
+        except FhirError as exc:
+            return outcome_response(exc.status, exc.issues, exc.headers)
+
+    def _dispatch(self, req: FhirRequest) -> FhirResponse:
+        parts = [p for p in req.path.strip("/").split("/") if p]
+        shape = _shape(parts)
+        if shape.startswith("{type}") and parts[0] not in self.types:
+            raise error(404, "not-supported", f"Resource type '{parts[0]}' is not supported by this server")
+        candidates = [r for r in ROUTES if r.shape == shape]
+        if not candidates:
+            raise error(404, "not-found", f"No FHIR interaction at '{req.path}'")
+        for route in candidates:
+            if route.method == req.method:
+                return route.handler(self, req, parts)
+        allowed = ", ".join(sorted({r.method for r in candidates}))
+        raise FhirError(405, [Issue("not-supported", f"{req.method} is not allowed here (allowed: {allowed})")],
+                        headers={"Allow": allowed})
+
+    # -- handlers -------------------------------------------------------------------------------
+
+    def metadata(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return json_response(200, capability_statement(ROUTES, sorted(self.types), req.base_url))
+
+    def read(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        version = self.service.read(parts[0], parts[1])
+        if (tag := req.headers.get("if-none-match")) and _etag_matches(tag, version.version_id):
+            return FhirResponse(304, None, _version_headers(req, version))
+        if (since := req.headers.get("if-modified-since")) and (when := parse_http_date(since)) is not None:
+            if version.last_updated // 1_000_000 * 1_000_000 <= when:
+                return FhirResponse(304, None, _version_headers(req, version))
+        return self._resource_response(200, req, version, location=False)
+
+    def vread(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._resource_response(200, req, self.service.vread(parts[0], parts[1], parts[3]), location=False)
+
+    def create(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        if req.query and any(k not in ("_format", "_pretty") for k, _ in req.params):
+            raise error(400, "not-supported", "POST to a type takes no search parameters (use If-None-Exist)")
+        result = self.service.create(parts[0], self._body(req), req.headers.get("if-none-exist"))
+        return self._write_response(req, result)
+
+    def update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._write_response(req, self.service.update(parts[0], parts[1], self._body(req),
+                                                             req.headers.get("if-match")))
+
+    def conditional_update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._write_response(req, self.service.conditional_update(
+            parts[0], self._criteria(req), self._body(req), req.headers.get("if-match")))
+
+    def patch(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._write_response(req, self.service.patch(parts[0], parts[1], self._patch_body(req),
+                                                            req.headers.get("if-match")))
+
+    def conditional_patch(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._write_response(req, self.service.conditional_patch(
+            parts[0], self._criteria(req), self._patch_body(req), req.headers.get("if-match")))
+
+    def delete(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._delete_response(self.service.delete(parts[0], parts[1], req.headers.get("if-match")))
+
+    def conditional_delete(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._delete_response(self.service.conditional_delete(parts[0], self._criteria(req)))
+
+    def history_instance(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._history(req, parts[0], parts[1])
+
+    def history_type(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._history(req, parts[0], None)
+
+    def history_system(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._history(req, None, None)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _history(self, req: FhirRequest, rtype: str | None, rid: str | None) -> FhirResponse:
+        since = parse_instant(s, "_since") if (s := req.param("_since")) else None
+        count = self._page_size(req)
+        before = _cursor(req.param("_before"), "_before")
+        after = _cursor(req.param("_after"), "_after")
+        page = self.service.history(rtype, rid, since, count, before, after)
+        return json_response(200, history_bundle(req, page))
+
+    def _page_size(self, req: FhirRequest) -> int:
+        raw = req.param("_count")
+        if raw is None:
+            return self.default_page_size
+        if not raw.isdigit():
+            raise error(400, "invalid", f"Parameter '_count': '{raw}' is not a non-negative integer")
+        return max(1, min(int(raw), self.max_page_size))
+
+    @staticmethod
+    def _criteria(req: FhirRequest) -> str:
+        criteria = [(k, v) for k, v in req.params if k not in ("_format", "_pretty")]
+        if not criteria:
+            raise error(400, "invalid", "A conditional interaction needs search criteria in the URL")
+        return urlencode(criteria)
+
+    @staticmethod
+    def _body(req: FhirRequest) -> Any:
+        ctype = req.headers.get("content-type", FHIR_JSON).split(";")[0].strip().lower()
+        if ctype not in (FHIR_JSON, "application/json"):
+            raise error(415, "not-supported", f"Content-Type '{ctype}' is not supported; send {FHIR_JSON}")
+        return _parse_json(req.body)
+
+    @staticmethod
+    def _patch_body(req: FhirRequest) -> Any:
+        ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != JSON_PATCH:
+            raise error(415, "not-supported", f"PATCH takes a JSON Patch document ({JSON_PATCH}), not '{ctype}'")
+        patch = _parse_json(req.body)
+        if not isinstance(patch, list) or not all(isinstance(op, dict) and "op" in op and "path" in op
+                                                  for op in patch):
+            raise error(400, "structure", "A JSON Patch document is an array of operations with 'op' and 'path'")
+        return patch
+
+    def _write_response(self, req: FhirRequest, result: Result) -> FhirResponse:
+        version = result.version
+        assert version is not None
+        prefer = req.prefer("return") or "representation"
+        if prefer == "minimal":
+            return FhirResponse(result.status, None, _version_headers(req, version, location=True))
+        if prefer == "OperationOutcome":
+            issues = result.issues or [Issue("informational", f"{version.type}/{version.id} version "
+                                             f"{version.version_id} stored", severity="information")]
+            return FhirResponse(result.status, orjson.dumps(operation_outcome(issues)),
+                                _version_headers(req, version, location=True))
+        return self._resource_response(result.status, req, version, location=True)
+
+    @staticmethod
+    def _delete_response(result: Result) -> FhirResponse:
+        headers = {"ETag": f'W/"{result.version.version_id}"'} if result.version else {}
+        if result.issues:
+            return FhirResponse(200, orjson.dumps(operation_outcome(result.issues)), headers)
+        return FhirResponse(204, None, headers)
+
+    @staticmethod
+    def _resource_response(status: int, req: FhirRequest, version: Version, location: bool) -> FhirResponse:
+        assert version.content is not None
+        return FhirResponse(status, version.content.encode(), _version_headers(req, version, location))
+
+
+def _shape(parts: list[str]) -> str:
+    """Path shape for routing: `Patient/1/_history` -> `{type}/{id}/_history`."""
+    if not parts:
+        return ""
+    if parts[0] in ("metadata", "_history"):
+        return "/".join(parts)
+    out = ["{type}"]
+    for i, p in enumerate(parts[1:], start=1):
+        if i == 1:
+            out.append(p if p in ("_history", "_search") else "{id}")
+        elif i == 2:
+            out.append(p if p == "_history" else "{?}")
+        elif i == 3 and parts[2] == "_history":
+            out.append("{vid}")
+        else:
+            out.append("{?}")
+    return "/".join(out)
+
+
+def _version_headers(req: FhirRequest, version: Version, location: bool = False) -> dict[str, str]:
+    headers = {"ETag": f'W/"{version.version_id}"', "Last-Modified": to_http_date(version.last_updated)}
+    if location:
+        headers["Location"] = f"{req.base_url}/{version.type}/{version.id}/_history/{version.version_id}"
+    return headers
+
+
+def _etag_matches(header: str, version_id: int) -> bool:
+    return any(t.strip() == "*" or t.strip().removeprefix("W/").strip('"') == str(version_id)
+               for t in header.split(","))
+
+
+def _parse_json(body: bytes | None) -> Any:
+    if not body:
+        raise error(400, "structure", "The request has no body")
+    try:
+        return jsonfmt.loads(body)
+    except ValueError as exc:
+        raise error(400, "structure", f"The body is not valid JSON: {exc}") from None
+
+
+def _cursor(raw: str | None, name: str) -> int | None:
+    if raw is None:
+        return None
+    if not raw.isdigit():
+        raise error(400, "invalid", f"Parameter '{name}': '{raw}' is not a valid page position")
+    return int(raw)
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> FhirResponse:
+    return FhirResponse(status, orjson.dumps(body), headers or {})
+
+
+def outcome_response(status: int, issues: list[Issue], headers: dict[str, str] | None = None) -> FhirResponse:
+    return json_response(status, operation_outcome(issues), headers)
+
+
+_STATUS_TEXT = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
+
+
+def history_bundle(req: FhirRequest, page: HistoryPage) -> dict[str, Any]:
+    """A history Bundle; entries embed the stored JSON untouched (orjson.Fragment)."""
+    entries = []
+    for v in page.versions:
+        entry: dict[str, Any] = {"fullUrl": f"{req.base_url}/{v.type}/{v.id}"}
+        if v.content is not None:
+            entry["resource"] = orjson.Fragment(v.content)
+        status = "201 Created" if v.method == "PUT" and v.version_id == 1 else _STATUS_TEXT[v.method]
+        entry["request"] = {"method": v.method, "url": v.type if v.method == "POST" else f"{v.type}/{v.id}"}
+        entry["response"] = {"status": status, "etag": f'W/"{v.version_id}"',
+                             "lastModified": to_instant(v.last_updated)}
+        entries.append(entry)
+    keep = [(k, v) for k, v in req.params if k not in ("_before", "_after")]
+    page_url = f"{req.base_url}/{req.path.strip('/')}".rstrip("/")
+    links = [{"relation": "self", "url": page_url + (f"?{urlencode(req.params)}" if req.params else "")}]
+    if page.versions and page.has_more:
+        links.append({"relation": "next", "url": f"{page_url}?{urlencode(keep + [('_before', page.versions[-1].seq)])}"})
+    if page.versions and (req.param("_before") or req.param("_after")):
+        links.append({"relation": "previous",
+                      "url": f"{page_url}?{urlencode(keep + [('_after', page.versions[0].seq)])}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                              "meta": {"lastUpdated": to_instant(now_us())}, "type": "history"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle["link"] = links
+    bundle["entry"] = entries
+    return bundle
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "metadata", "capabilities", "system", FhirRouter.metadata),
+    Route("GET", "_history", "history-system", "system", FhirRouter.history_system),
+    Route("POST", "{type}", "create", "type", FhirRouter.create),
+    Route("PUT", "{type}", "update", "type", FhirRouter.conditional_update),
+    Route("PATCH", "{type}", "patch", "type", FhirRouter.conditional_patch),
+    Route("DELETE", "{type}", "delete", "type", FhirRouter.conditional_delete),
+    Route("GET", "{type}/_history", "history-type", "type", FhirRouter.history_type),
+    Route("GET", "{type}/{id}", "read", "instance", FhirRouter.read),
+    Route("PUT", "{type}/{id}", "update", "instance", FhirRouter.update),
+    Route("PATCH", "{type}/{id}", "patch", "instance", FhirRouter.patch),
+    Route("DELETE", "{type}/{id}", "delete", "instance", FhirRouter.delete),
+    Route("GET", "{type}/{id}/_history", "history-instance", "instance", FhirRouter.history_instance),
+    Route("GET", "{type}/{id}/_history/{vid}", "vread", "instance", FhirRouter.vread),
+)

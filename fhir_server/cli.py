@@ -1,0 +1,72 @@
+"""The `carebroker` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fhir_server.config import Settings
+
+log = logging.getLogger("carebroker")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="carebroker", description="FHIR R4 care-record broker")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the FHIR server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--database", help="SQLAlchemy URL (default: $CAREBROKER_DATABASE_URL or "
+                                          "sqlite:///carebroker.db in the working directory)")
+    serve.add_argument("--demo", action="store_true", help="load the synthetic demo population first")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (stateless; share the database)")
+    serve.add_argument("--log-level", default="info")
+
+    migrate_cmd = sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
+    migrate_cmd.add_argument("--database")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env(database_url=args.database)
+
+    from fhir_server.storage.engine import create_engine, migrate
+
+    engine = create_engine(settings.database_url)
+    migrate(engine)
+    if args.command == "migrate":
+        log.info("schema of %s is up to date", engine.url.render_as_string(hide_password=True))
+        return 0
+    if args.demo:
+        load_demo(engine)
+    engine.dispose()
+    return serve_forever(settings, args)
+
+
+def load_demo(engine) -> None:  # type: ignore[no-untyped-def]
+    """PUT the demo population: idempotent, so a second `--demo` start changes nothing."""
+    from fhir_server.demo import demo_resources
+    from fhir_server.service.interactions import FhirService
+    from fhir_server.storage.repository import Store
+
+    service = FhirService(Store(engine))
+    resources = demo_resources()
+    for res in resources:
+        service.update(res["resourceType"], res["id"], res)
+    log.info("demo data: %d resources loaded", len(resources))
+
+
+def serve_forever(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    os.environ["CAREBROKER_DATABASE_URL"] = settings.database_url
+    print(f"carebroker: FHIR R4 server at http://{args.host}:{args.port}/fhir "
+          f"(try http://{args.host}:{args.port}/fhir/metadata)", file=sys.stderr, flush=True)
+    uvicorn.run("fhir_server.api.asgi:app_from_env", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, access_log=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The FHIR RESTful interactions, written once over the storage primitives, knowing nothing of HTTP.
+
+Each write runs in one database transaction: the version, the head and the search index rows commit
+together, before anyone is told the write succeeded. Conditional interactions are the plain ones
+plus a search inside the same transaction.
+"""
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import jsonpatch
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from conformance.validation import validate_resource
+from fhir_server import jsonfmt
+from fhir_server.outcome import FhirError, Issue, error
+from fhir_server.search.criteria import matching_pks, parse_criteria, token_index
+from fhir_server.service.timefmt import now_us, to_instant
+from fhir_server.storage.repository import Head, StaleHead, Store, Version
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+T = TypeVar("T")
+
+
+@dataclass
+class Result:
+    """What a write did: the HTTP-ish status, the version now current, and any informational issues."""
+
+    status: int
+    version: Version | None
+    issues: list[Issue] = field(default_factory=list)
+
+
+@dataclass
+class HistoryPage:
+    versions: list[Version]
+    total: int | None
+    has_more: bool
+
+
+def check_id(rid: str) -> str:
+    if not ID_PATTERN.fullmatch(rid):
+        raise error(400, "invalid", f"'{rid}' is not a valid resource id ([A-Za-z0-9-.], 1 to 64 characters)")
+    return rid
+
+
+def parse_etag(value: str) -> int:
+    """`W/"3"` or `"3"` -> 3."""
+    raw = value.strip().removeprefix("W/").strip('"')
+    if not raw.isdigit():
+        raise error(400, "invalid", f"ETag '{value}' is not of the form W/\"<versionId>\"")
+    return int(raw)
+
+
+class FhirService:
+    """create, read, vread, update, patch, delete, history and their conditional forms."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def read(self, rtype: str, rid: str) -> Version:
+        with self.store.reading() as conn:
+            found = self.store.current(conn, rtype, rid)
+        if found is None:
+            raise error(404, "not-found", f"{rtype}/{rid} is not known")
+        if found.deleted:
+            raise FhirError(410, [Issue("deleted", f"{rtype}/{rid} was deleted (version {found.version_id})")],
+                            headers={"ETag": f'W/"{found.version_id}"'})
+        return found
+
+    def vread(self, rtype: str, rid: str, vid: str) -> Version:
+        if not vid.isdigit():
+            raise error(404, "not-found", f"{rtype}/{rid} has no version '{vid}'")
+        with self.store.reading() as conn:
+            found = self.store.version(conn, rtype, rid, int(vid))
+        if found is None:
+            raise error(404, "not-found", f"{rtype}/{rid} has no version {vid}")
+        if found.deleted:
+            raise error(410, "deleted", f"Version {vid} of {rtype}/{rid} is a deletion")
+        return found
+
+    def history(self, rtype: str | None, rid: str | None, since: int | None, count: int,
+                before_seq: int | None = None, after_seq: int | None = None) -> HistoryPage:
+        with self.store.reading() as conn:
+            if rtype and rid and self.store.head(conn, rtype, rid) is None:
+                raise error(404, "not-found", f"{rtype}/{rid} is not known")
+            rows = self.store.history(conn, rtype, rid, since, before_seq, after_seq, count + 1)
+            total = self.store.count_history(conn, rtype, rid, since) if rtype and rid else None
+        more = len(rows) > count
+        if after_seq is not None:  # paging backwards: the extra row is the oldest, at the end
+            return HistoryPage(rows[-count:] if more else rows, total, True)
+        return HistoryPage(rows[:count], total, more)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None = None) -> Result:
+        self._check_body(rtype, body)
+        validate_resource(body)
+
+        def tx(conn: sa.Connection) -> Result:
+            if if_none_exist is not None:
+                criteria = parse_criteria(rtype, if_none_exist.split("?", 1)[-1])
+                self.store.lock_key(conn, f"{rtype}?{if_none_exist}")
+                found = matching_pks(conn, rtype, criteria)
+                if len(found) > 1:
+                    raise error(412, "multiple-matches",
+                                f"If-None-Exist '{if_none_exist}' matches more than one {rtype}")
+                if found:
+                    existing = self.store.current_by_pks(conn, found)[0]
+                    return Result(200, existing, [Issue("informational",
+                                  f"{rtype}/{existing.id} already matches '{if_none_exist}'; nothing created",
+                                  severity="information")])
+            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "POST"))
+
+        return self._in_write(tx)
+
+    def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None = None) -> Result:
+        check_id(rid)
+        self._check_body(rtype, body)
+        if body.get("id") != rid:
+            raise error(400, "invalid", f"The resource id in the body ({body.get('id')!r}) must equal the id "
+                        f"in the URL ('{rid}')", expression=f"{rtype}.id")
+        validate_resource(body)
+        expected = parse_etag(if_match) if if_match else None
+        return self._in_write(lambda conn: self._update_in(conn, rtype, rid, body, expected))
+
+    def conditional_update(self, rtype: str, query: str, body: dict[str, Any],
+                           if_match: str | None = None) -> Result:
+        self._check_body(rtype, body)
+        criteria = parse_criteria(rtype, query)
+        validate_resource(body)
+        expected = parse_etag(if_match) if if_match else None
+        body_id = body.get("id")
+        if body_id is not None:
+            check_id(body_id)
+
+        def tx(conn: sa.Connection) -> Result:
+            self.store.lock_key(conn, f"{rtype}?{query}")
+            found = matching_pks(conn, rtype, criteria)
+            if len(found) > 1:
+                raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}")
+            if found:
+                target = self.store.current_by_pks(conn, found)[0].id
+                if body_id is not None and body_id != target:
+                    raise error(400, "invalid", f"'{query}' matches {rtype}/{target}, but the body has id "
+                                f"'{body_id}'", expression=f"{rtype}.id")
+                return self._update_in(conn, rtype, target, {**body, "id": target}, expected)
+            if body_id is not None:
+                if self.store.head(conn, rtype, body_id) is not None:
+                    raise error(409, "conflict", f"{rtype}/{body_id} exists but does not match '{query}'")
+                return self._update_in(conn, rtype, body_id, body, expected)
+            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "PUT"))
+
+        return self._in_write(tx)
+
+    def patch(self, rtype: str, rid: str, patch: Any, if_match: str | None = None) -> Result:
+        check_id(rid)
+        expected = parse_etag(if_match) if if_match else None
+        return self._in_write(lambda conn: self._patch_in(conn, rtype, rid, patch, expected))
+
+    def conditional_patch(self, rtype: str, query: str, patch: Any, if_match: str | None = None) -> Result:
+        criteria = parse_criteria(rtype, query)
+        expected = parse_etag(if_match) if if_match else None
+
+        def tx(conn: sa.Connection) -> Result:
+            found = matching_pks(conn, rtype, criteria)
+            if len(found) != 1:
+                raise error(404 if not found else 412, "not-found" if not found else "multiple-matches",
+                            f"'{query}' matches {'no' if not found else 'more than one'} {rtype}")
+            return self._patch_in(conn, rtype, self.store.current_by_pks(conn, found)[0].id, patch, expected)
+
+        return self._in_write(tx)
+
+    def delete(self, rtype: str, rid: str, if_match: str | None = None) -> Result:
+        expected = parse_etag(if_match) if if_match else None
+
+        def tx(conn: sa.Connection) -> Result:
+            head = self.store.head(conn, rtype, rid, lock=True)
+            if head is None:
+                raise error(404, "not-found", f"{rtype}/{rid} is not known")
+            return self._delete_in(conn, rtype, rid, head, expected)
+
+        return self._in_write(tx)
+
+    def conditional_delete(self, rtype: str, query: str) -> Result:
+        criteria = parse_criteria(rtype, query)
+
+        def tx(conn: sa.Connection) -> Result:
+            found = matching_pks(conn, rtype, criteria)
+            if len(found) > 1:
+                raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}; nothing deleted")
+            if not found:
+                return Result(204, None, [Issue("informational", f"'{query}' matches no {rtype}; nothing deleted",
+                                                severity="information")])
+            rid = self.store.current_by_pks(conn, found)[0].id
+            head = self.store.head(conn, rtype, rid, lock=True)
+            assert head is not None  # found inside this transaction
+            return self._delete_in(conn, rtype, rid, head, None)
+
+        return self._in_write(tx)
+
+    # -- write steps (inside a transaction) -------------------------------------------------------
+
+    def _update_in(self, conn: sa.Connection, rtype: str, rid: str, body: dict[str, Any],
+                   expected: int | None) -> Result:
+        head = self.store.head(conn, rtype, rid, lock=True)
+        if expected is not None and (head is None or head.version_id != expected):
+            raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
+                        f"{rtype}/{rid} ({head.version_id if head else 'none'})")
+        if head is not None and not head.deleted:
+            current = self.store.current(conn, rtype, rid)
+            if current is not None and current.content is not None and _same_content(current.content, body):
+                return Result(200, current, [Issue("informational", "No change: no new version was created",
+                                                   severity="information")])
+        version = self._put_version(conn, head, rtype, rid, body, "PUT")
+        return Result(201 if head is None or head.deleted else 200, version)
+
+    def _patch_in(self, conn: sa.Connection, rtype: str, rid: str, patch: Any, expected: int | None) -> Result:
+        current = self.store.current(conn, rtype, rid)
+        if current is None:
+            raise error(404, "not-found", f"{rtype}/{rid} is not known")
+        if current.content is None:
+            raise error(410, "deleted", f"{rtype}/{rid} was deleted")
+        try:
+            patched = jsonpatch.apply_patch(jsonfmt.loads(current.content), patch)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise error(422, "processing", f"JSON Patch test failed: {exc}") from None
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as exc:
+            raise error(422, "processing", f"JSON Patch cannot be applied: {exc}") from None
+        if not isinstance(patched, dict) or patched.get("resourceType") != rtype or patched.get("id") != rid:
+            raise error(422, "processing", "A patch may not change the resourceType or id")
+        validate_resource(patched)
+        return self._update_in(conn, rtype, rid, patched, expected)
+
+    def _delete_in(self, conn: sa.Connection, rtype: str, rid: str, head: Head, expected: int | None) -> Result:
+        if expected is not None and head.version_id != expected:
+            raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
+                        f"{rtype}/{rid} ({head.version_id})")
+        if head.deleted:
+            return Result(204, None, [Issue("informational", f"{rtype}/{rid} was already deleted",
+                                            severity="information")])
+        version = self.store.write(conn, head, rtype, rid, head.version_id + 1,
+                                   max(now_us(), head.last_updated), "DELETE", None)
+        return Result(204, version)
+
+    def _put_version(self, conn: sa.Connection, head: Head | None, rtype: str, rid: str,
+                     body: dict[str, Any], method: str) -> Version:
+        version_id = 1 if head is None else head.version_id + 1
+        stamp = now_us() if head is None else max(now_us(), head.last_updated)
+        meta = {k: v for k, v in (body.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+        stored = {"resourceType": rtype, "id": rid,
+                  "meta": {"versionId": str(version_id), "lastUpdated": to_instant(stamp), **meta}}
+        stored.update((k, v) for k, v in body.items() if k not in ("resourceType", "id", "meta"))
+        return self.store.write(conn, head, rtype, rid, version_id, stamp, method,
+                                jsonfmt.dumps(stored).decode(), token_index(stored))
+
+    @staticmethod
+    def _check_body(rtype: str, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise error(400, "structure", "The body must be a JSON object (a FHIR resource)")
+        found = body.get("resourceType")
+        if found != rtype:
+            raise error(400, "invalid", f"resourceType in the body ({found!r}) must be '{rtype}'",
+                        expression="resourceType")
+
+    def _in_write(self, work: Callable[[sa.Connection], T]) -> T:
+        """Run `work` in a write transaction, retrying when a concurrent writer got there first."""
+        for attempt in range(5):
+            try:
+                with self.store.writing() as conn:
+                    return work(conn)
+            except (StaleHead, IntegrityError) as exc:
+                if attempt == 4:
+                    raise error(409, "conflict", f"Concurrent writes kept conflicting: {exc}") from None
+            except DBAPIError as exc:
+                if not _is_transient(exc) or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+
+def _same_content(stored: str, body: dict[str, Any]) -> bool:
+    """True when `body` says nothing new compared with the stored version (server-set meta aside)."""
+    old = jsonfmt.loads(stored)
+    strip = ("versionId", "lastUpdated")
+    old_meta = {k: v for k, v in (old.pop("meta", None) or {}).items() if k not in strip}
+    new = dict(body)
+    new_meta = {k: v for k, v in (new.pop("meta", None) or {}).items() if k not in strip}
+    return old == new and old_meta == new_meta
+
+
+def _is_transient(exc: DBAPIError) -> bool:
+    """Serialisation failures and dead-locks (PostgreSQL), busy database (SQLite): worth a retry."""
+    code = getattr(exc.orig, "sqlstate", None)
+    return code in ("40001", "40P01") or "database is locked" in str(exc.orig)

@@ -1,0 +1,179 @@
+"""Storage primitives: the only code that reads or writes the resource tables.
+
+The service layer composes these inside one transaction per interaction; nothing here knows FHIR
+rules beyond "a version is a row".
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from fhir_server.storage.engine import WRITE
+from fhir_server.storage.schema import resource, resource_version, search_token
+
+
+@dataclass(frozen=True)
+class Head:
+    """The current state of a logical resource (no content)."""
+
+    pk: int
+    version_id: int
+    last_updated: int
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class Version:
+    """One stored version; `content` is the canonical JSON text, None for a delete."""
+
+    type: str
+    id: str
+    version_id: int
+    last_updated: int
+    method: str
+    content: str | None
+    seq: int = 0
+
+    @property
+    def deleted(self) -> bool:
+        return self.content is None
+
+
+_CURRENT = (
+    sa.select(resource_version.c.type, resource_version.c.id, resource_version.c.version_id,
+              resource_version.c.last_updated, resource_version.c.method, resource_version.c.content,
+              resource_version.c.seq)
+    .select_from(resource.join(resource_version, sa.and_(resource_version.c.resource_pk == resource.c.pk,
+                                                         resource_version.c.version_id == resource.c.version_id)))
+)
+
+
+class Store:
+    """Transactions and row-level primitives over one engine."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.is_postgres = engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def reading(self) -> Iterator[sa.Connection]:
+        """A read transaction: one consistent snapshot for everything read inside it."""
+        with self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def writing(self) -> Iterator[sa.Connection]:
+        """A write transaction, committed (durably) when the block ends without error."""
+        with self.engine.connect().execution_options(**{WRITE: True}) as conn:
+            with conn.begin():
+                yield conn
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def current(self, conn: sa.Connection, rtype: str, rid: str) -> Version | None:
+        row = conn.execute(_CURRENT.where(resource.c.type == rtype, resource.c.id == rid)).first()
+        return Version(*row) if row else None
+
+    def version(self, conn: sa.Connection, rtype: str, rid: str, version_id: int) -> Version | None:
+        row = conn.execute(
+            sa.select(resource_version.c.type, resource_version.c.id, resource_version.c.version_id,
+                      resource_version.c.last_updated, resource_version.c.method, resource_version.c.content,
+                      resource_version.c.seq)
+            .where(resource_version.c.type == rtype, resource_version.c.id == rid,
+                   resource_version.c.version_id == version_id)
+        ).first()
+        return Version(*row) if row else None
+
+    def current_by_pks(self, conn: sa.Connection, pks: Sequence[int]) -> list[Version]:
+        rows = conn.execute(_CURRENT.where(resource.c.pk.in_(pks)).order_by(resource.c.pk)).all()
+        return [Version(*r) for r in rows]
+
+    def head(self, conn: sa.Connection, rtype: str, rid: str, lock: bool = False) -> Head | None:
+        """The head row; `lock` holds it (PostgreSQL row lock) until the transaction ends."""
+        q = sa.select(resource.c.pk, resource.c.version_id, resource.c.last_updated, resource.c.deleted).where(
+            resource.c.type == rtype, resource.c.id == rid)
+        if lock and self.is_postgres:
+            q = q.with_for_update()
+        row = conn.execute(q).first()
+        return Head(*row) if row else None
+
+    def history(self, conn: sa.Connection, rtype: str | None, rid: str | None, since: int | None,
+                before_seq: int | None, after_seq: int | None, limit: int) -> list[Version]:
+        """Versions newest first; keyset-paged by `seq` so pages stay stable while others write.
+        `after_seq` pages backwards (towards newer versions)."""
+        c = resource_version.c
+        q = sa.select(c.type, c.id, c.version_id, c.last_updated, c.method, c.content, c.seq)
+        if rtype is not None:
+            q = q.where(c.type == rtype)
+        if rid is not None:
+            q = q.where(c.id == rid)
+        if since is not None:
+            q = q.where(c.last_updated >= since)
+        if before_seq is not None:
+            q = q.where(c.seq < before_seq)
+        if after_seq is not None:
+            rows = conn.execute(q.where(c.seq > after_seq).order_by(c.seq.asc()).limit(limit)).all()
+            return [Version(*r) for r in reversed(rows)]
+        return [Version(*r) for r in conn.execute(q.order_by(c.seq.desc()).limit(limit)).all()]
+
+    def count_history(self, conn: sa.Connection, rtype: str, rid: str, since: int | None) -> int:
+        c = resource_version.c
+        q = sa.select(sa.func.count()).where(c.type == rtype, c.id == rid)
+        if since is not None:
+            q = q.where(c.last_updated >= since)
+        return int(conn.execute(q).scalar_one())
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def write(self, conn: sa.Connection, head: Head | None, rtype: str, rid: str, version_id: int,
+              last_updated: int, method: str, content: str | None,
+              tokens: Sequence[tuple[str, str | None, str]] = ()) -> Version:
+        """Write version `version_id` of (rtype, rid) and move the head to it.
+
+        The head moves only if it is still at the version the caller read (compare-and-set), so a
+        concurrent writer can never be silently overwritten; `StaleHead` tells the caller to retry.
+        """
+        deleted = content is None
+        if head is None:
+            pk = conn.execute(resource.insert().values(
+                type=rtype, id=rid, version_id=version_id, last_updated=last_updated, deleted=deleted,
+            ).returning(resource.c.pk)).scalar_one()
+        else:
+            pk = head.pk
+            moved = conn.execute(resource.update().where(
+                resource.c.pk == pk, resource.c.version_id == head.version_id,
+            ).values(version_id=version_id, last_updated=last_updated, deleted=deleted)).rowcount
+            if moved != 1:
+                raise StaleHead(rtype, rid)
+            conn.execute(search_token.delete().where(search_token.c.resource_pk == pk))
+        seq = conn.execute(resource_version.insert().values(
+            resource_pk=pk, type=rtype, id=rid, version_id=version_id, last_updated=last_updated,
+            method=method, content=content,
+        ).returning(resource_version.c.seq)).scalar_one()
+        if tokens:
+            conn.execute(search_token.insert(), [
+                {"resource_pk": pk, "type": rtype, "param": p, "system": s, "code": v} for p, s, v in tokens])
+        return Version(rtype, rid, version_id, last_updated, method, content, seq)
+
+    def lock_key(self, conn: sa.Connection, key: str) -> None:
+        """Serialise writers that would decide on the same search (conditional create) on PostgreSQL;
+        SQLite write transactions are already serial (BEGIN IMMEDIATE)."""
+        if self.is_postgres:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
+
+
+class StaleHead(Exception):
+    """Another transaction moved the resource on between our read and our write."""
+
+    def __init__(self, rtype: str, rid: str) -> None:
+        super().__init__(f"{rtype}/{rid} changed concurrently")
+
+
+def select_live_pks(rtype: str) -> sa.Select[Any]:
+    """Base query for searches: live (not deleted) resources of a type."""
+    return sa.select(resource.c.pk).where(resource.c.type == rtype, resource.c.deleted.is_(False))

@@ -1,0 +1,175 @@
+"""Shared fixtures: both databases for real, the app in-process (ASGI) and under a real uvicorn.
+
+PostgreSQL is required, not optional: if it cannot be reached the PostgreSQL tests fail loudly.
+Each test session works in its own PostgreSQL schema and SQLite file, dropped afterwards.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from fhir_server.api.http import create_app
+from fhir_server.config import Settings
+from fhir_server.storage.engine import create_engine, migrate
+
+PG_URL = os.environ.get("CAREBROKER_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgresql"]
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: starts extra processes")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.is_dir():
+        pytest.fail(f"the shared corpus is missing at {CORPUS}")
+    return CORPUS
+
+
+class Backends:
+    """Databases, apps and servers for each backend, made on first use and kept for the session."""
+
+    def __init__(self, tmp: pytest.TempPathFactory) -> None:
+        self.tmp = tmp
+        self._cache: dict[tuple[str, str], object] = {}
+        self._cleanup: list = []
+
+    def _once(self, key: tuple[str, str], make):  # type: ignore[no-untyped-def]
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def url(self, kind: str) -> str:
+        return self._once(("url", kind), lambda: self._make_url(kind))  # type: ignore[return-value]
+
+    def engine(self, kind: str) -> sa.Engine:
+        def make() -> sa.Engine:
+            eng = create_engine(self.url(kind))
+            self._cleanup.append(eng.dispose)
+            return eng
+        return self._once(("engine", kind), make)  # type: ignore[return-value]
+
+    def asgi(self, kind: str) -> TestClient:
+        def make() -> TestClient:
+            client = TestClient(create_app(Settings(), self.engine(kind)), base_url="http://testserver/fhir/")
+            client.__enter__()
+            self._cleanup.append(lambda: client.__exit__(None, None, None))
+            return client
+        return self._once(("asgi", kind), make)  # type: ignore[return-value]
+
+    def server(self, kind: str) -> str:
+        """A real `carebroker serve` process (uvicorn) on a free port; its FHIR base URL."""
+        return self._once(("server", kind), lambda: self.start_server(self.url(kind)))  # type: ignore[return-value]
+
+    def http(self, kind: str) -> httpx.Client:
+        def make() -> httpx.Client:
+            client = httpx.Client(base_url=self.server(kind) + "/", timeout=30)
+            self._cleanup.append(client.close)
+            return client
+        return self._once(("http", kind), make)  # type: ignore[return-value]
+
+    def start_server(self, url: str, *extra: str) -> str:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fhir_server.cli", "serve", "--port", str(port), "--database", url,
+             "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._cleanup.append(lambda: (proc.terminate(), proc.wait(10)))
+        base = f"http://127.0.0.1:{port}/fhir"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+            try:
+                if httpx.get(f"{base}/metadata", timeout=1).status_code == 200:
+                    return base
+            except httpx.TransportError:
+                time.sleep(0.1)
+        pytest.fail("server did not start within 60 s")
+
+    def _make_url(self, kind: str) -> str:
+        if kind == "sqlite":
+            url = f"sqlite:///{self.tmp.mktemp('sqlite') / 'carebroker.db'}"
+        else:
+            url = self.pg_schema_url()
+        migrate_url(url)
+        return url
+
+    def pg_schema_url(self) -> str:
+        """A new, empty PostgreSQL schema (dropped at the end of the session)."""
+        schema = f"cbtest_{uuid.uuid4().hex[:10]}"
+        admin = sa.create_engine(PG_URL)
+        try:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        except sa.exc.OperationalError as exc:
+            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}: {exc}")
+
+        def drop() -> None:
+            with admin.begin() as conn:
+                conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+            admin.dispose()
+        self._cleanup.insert(0, drop)  # runs last: after engines and servers are gone
+        return f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+    def close(self) -> None:
+        for fn in reversed(self._cleanup):
+            fn()
+
+
+def migrate_url(url: str) -> None:
+    engine = create_engine(url)
+    migrate(engine)
+    engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backends]:
+    b = Backends(tmp_path_factory)
+    yield b
+    b.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def engine(backends: Backends, backend: str) -> sa.Engine:
+    return backends.engine(backend)
+
+
+@pytest.fixture
+def asgi_client(backends: Backends, backend: str) -> TestClient:
+    return backends.asgi(backend)
+
+
+@pytest.fixture
+def server_url(backends: Backends, backend: str) -> str:
+    return backends.server(backend)
+
+
+@pytest.fixture(params=[(t, b) for b in BACKENDS for t in ("asgi", "http")], ids=lambda p: f"{p[0]}-{p[1]}")
+def api(request: pytest.FixtureRequest, backends: Backends) -> httpx.Client | TestClient:
+    """The same test through the in-process app and through a real uvicorn server, on both databases."""
+    transport, kind = request.param
+    return backends.asgi(kind) if transport == "asgi" else backends.http(kind)
