@@ -162,6 +162,8 @@ def test_json_patch(api) -> None:  # type: ignore[no-untyped-def]
     stale = api.patch(f"Patient/{pid}", json=ops[1:], headers={**PATCH_CT, "If-Match": 'W/"1"'})
     assert stale.status_code == 412
     assert api.get(f"Patient/{pid}").json()["meta"]["versionId"] == "2"
+    latest = api.get(f"Patient/{pid}/_history").json()["entry"][0]
+    assert latest["request"] == {"method": "PATCH", "url": f"Patient/{pid}"}
 
 
 def test_history_instance_paging_and_since(api) -> None:  # type: ignore[no-untyped-def]

@@ -209,7 +209,7 @@ class FhirService:
     # -- write steps (inside a transaction) -------------------------------------------------------
 
     def _update_in(self, conn: sa.Connection, rtype: str, rid: str, body: dict[str, Any],
-                   expected: int | None) -> Result:
+                   expected: int | None, method: str = "PUT") -> Result:
         head = self.store.head(conn, rtype, rid, lock=True)
         if expected is not None and (head is None or head.version_id != expected):
             raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
@@ -219,7 +219,7 @@ class FhirService:
             if current is not None and current.content is not None and _same_content(current.content, body):
                 return Result(200, current, [Issue("informational", "No change: no new version was created",
                                                    severity="information")])
-        version = self._put_version(conn, head, rtype, rid, body, "PUT")
+        version = self._put_version(conn, head, rtype, rid, body, method)
         return Result(201 if head is None or head.deleted else 200, version)
 
     def _patch_in(self, conn: sa.Connection, rtype: str, rid: str, patch: Any, expected: int | None) -> Result:
@@ -237,7 +237,7 @@ class FhirService:
         if not isinstance(patched, dict) or patched.get("resourceType") != rtype or patched.get("id") != rid:
             raise error(422, "processing", "A patch may not change the resourceType or id")
         validate_resource(patched)
-        return self._update_in(conn, rtype, rid, patched, expected)
+        return self._update_in(conn, rtype, rid, patched, expected, "PATCH")
 
     def _delete_in(self, conn: sa.Connection, rtype: str, rid: str, head: Head, expected: int | None) -> Result:
         if expected is not None and head.version_id != expected:
