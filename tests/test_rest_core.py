@@ -323,6 +323,8 @@ def test_method_not_allowed_and_unknown_paths(api) -> None:  # type: ignore[no-u
     resp = api.post("Patient/123", json=patient())
     assert resp.status_code == 405 and "GET" in resp.headers["allow"]
     assert api.get("Patient/1/_history/1/extra").status_code == 404
+    base = api.delete("")  # the FHIR base itself is routed, not redirected
+    assert base.status_code == 404 and issues(base)[0]["code"] == "not-found"
 
 
 def test_capability_statement(api) -> None:  # type: ignore[no-untyped-def]

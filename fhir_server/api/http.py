@@ -1,18 +1,26 @@
-"""HTTP adapter: Starlette/FastAPI requests in, FHIR router out. Content negotiation lives here only.
+"""HTTP adapter: ASGI requests in, FHIR router out. Content negotiation lives here only.
 
-The FHIR base is `/fhir`. Responses are `application/fhir+json; fhirVersion=4.0`; `_pretty=true`
-indents them; XML is politely refused (406).
+The FHIR base `/fhir` is a plain ASGI app mounted in the FastAPI application: a FHIR request
+needs none of FastAPI's per-route machinery, and the read path is the one users hit hardest.
+Single-row reads run inline on the event loop (a primary-key lookup is shorter than a thread
+hand-off); everything else runs in the thread pool so a long history page never stalls other requests.
+Responses are `application/fhir+json; fhirVersion=4.0`; `_pretty=true` indents them; XML gets 406.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 import sqlalchemy as sa
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from fhir_server.api.router import FhirRequest, FhirResponse, FhirRouter, outcome_response
 from fhir_server.config import Settings
@@ -24,10 +32,10 @@ from fhir_server.storage.repository import Store
 log = logging.getLogger("carebroker")
 
 FHIR_BASE = "/fhir"
-CONTENT_TYPE = "application/fhir+json; fhirVersion=4.0"
+CONTENT_TYPE = b"application/fhir+json; fhirVersion=4.0"
 JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
 XML_FORMATS = frozenset({"xml", "text/xml", "application/xml", "application/fhir+xml", "application/xml+fhir"})
-METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 
 def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
@@ -43,38 +51,67 @@ def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
     app = FastAPI(title="carebroker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.router = router
-
-    async def fhir_endpoint(request: Request) -> Response:
-        not_acceptable = _negotiate(request)
-        if not_acceptable is not None:
-            return _to_http(not_acceptable, pretty=False)
-        base = settings.public_base_url or f"{request.url.scheme}://{request.url.netloc}{FHIR_BASE}"
-        body = await request.body() if request.method in ("POST", "PUT", "PATCH") else None
-        freq = FhirRequest(method=request.method, path=request.path_params.get("path", ""),
-                           params=request.query_params.multi_items(), headers=request.headers,
-                           body=body, base_url=base.rstrip("/"))
-        try:
-            fresp = await run_in_threadpool(router.handle, freq)
-        except Exception:  # noqa: BLE001 - a client always gets an OperationOutcome, never a stack trace
-            log.exception("unhandled error in %s %s", request.method, request.url.path)
-            fresp = outcome_response(500, [Issue("exception", "Internal server error; the event was logged")])
-        return _to_http(fresp, pretty=request.query_params.get("_pretty") == "true")
-
-    app.add_api_route(FHIR_BASE, fhir_endpoint, methods=METHODS, include_in_schema=False)
-    app.add_api_route(FHIR_BASE + "/{path:path}", fhir_endpoint, methods=METHODS, include_in_schema=False)
+    endpoint = FhirEndpoint(router, settings.public_base_url)
+    app.router.routes.append(Route(FHIR_BASE, endpoint))  # the base itself (system interactions)
+    app.mount(FHIR_BASE, endpoint)
     return app
 
 
-def _negotiate(request: Request) -> FhirResponse | None:
+class FhirEndpoint:
+    """The FHIR REST API as an ASGI app: translate HTTP to `FhirRequest` and back."""
+
+    def __init__(self, router: FhirRouter, public_base_url: str | None) -> None:
+        self.router = router
+        self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = Headers(scope=scope)
+        params = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+        refused = _negotiate(params, headers)
+        if refused is not None:
+            await _send(send, refused, pretty=False)
+            return
+        method = scope["method"]
+        root = scope.get("root_path", "")
+        path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        body = await _read_body(receive) if method in WITH_BODY else None
+        req = FhirRequest(method=method, path=path, params=params, headers=headers, body=body,
+                          base_url=self.public_base_url or _base_url(scope, headers, root))
+        try:
+            if self.router.is_single_row_read(req):
+                resp = self.router.handle(req)
+            else:
+                resp = await run_in_threadpool(self.router.handle, req)
+        except Exception:  # a client always gets an OperationOutcome, never a stack trace
+            log.exception("unhandled error in %s %s", method, scope["path"])
+            resp = outcome_response(500, [Issue("exception", "Internal server error; the event was logged")])
+        await _send(send, resp, pretty=any(k == "_pretty" and v == "true" for k, v in params))
+
+
+def _base_url(scope: Scope, headers: Headers, root: str) -> str:
+    host = headers.get("host") or "{}:{}".format(*scope.get("server") or ("localhost", 80))
+    return f"{scope.get('scheme', 'http')}://{host}{root}"
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _negotiate(params: list[tuple[str, str]], headers: Headers) -> FhirResponse | None:
     """None when we can answer in JSON; otherwise the 406 to send."""
-    fmt = request.query_params.get("_format")
+    fmt = next((v for k, v in params if k == "_format"), None)
     if fmt is not None:
         fmt = fmt.split(";")[0].strip().lower()
         if fmt in JSON_FORMATS:
             return None
         return outcome_response(406, [Issue("not-supported", f"_format '{fmt}' is not supported; "
                                             "carebroker speaks FHIR JSON")])
-    accept = request.headers.get("accept")
+    accept = headers.get("accept")
     if not accept:
         return None
     kinds = {a.split(";")[0].strip().lower() for a in accept.split(",")}
@@ -83,11 +120,15 @@ def _negotiate(request: Request) -> FhirResponse | None:
     return None
 
 
-def _to_http(fresp: FhirResponse, pretty: bool) -> Response:
-    body = fresp.body
+async def _send(send: Send, resp: FhirResponse, pretty: bool) -> None:
+    body = resp.body
     if body is not None and pretty:
         body = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
-    headers = dict(fresp.headers)
-    if body is None:
-        return Response(status_code=fresp.status, headers=headers)
-    return Response(content=body, status_code=fresp.status, headers=headers, media_type=CONTENT_TYPE)
+    raw: list[tuple[bytes, bytes]] = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                                      for k, v in resp.headers.items()]
+    if body is not None:
+        raw.append((b"content-type", CONTENT_TYPE))
+    raw.append((b"content-length", str(len(body or b"")).encode()))
+    start: dict[str, Any] = {"type": "http.response.start", "status": resp.status, "headers": raw}
+    await send(start)
+    await send({"type": "http.response.body", "body": body or b""})

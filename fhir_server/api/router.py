@@ -84,6 +84,14 @@ class FhirRouter:
         self.max_page_size = max_page_size
         self.types = frozenset(supported_resource_types())
 
+    @staticmethod
+    def is_single_row_read(req: FhirRequest) -> bool:
+        """read or vread: one primary-key lookup, cheap enough to run without a thread hand-off."""
+        if req.method != "GET":
+            return False
+        parts = req.path.strip("/").split("/")
+        return len(parts) == 2 and not parts[1].startswith("_") or len(parts) == 4 and parts[2] == "_history"
+
     def handle(self, req: FhirRequest) -> FhirResponse:
         try:
             return self._dispatch(req)

@@ -66,7 +66,7 @@ class FhirService:
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, rtype: str, rid: str) -> Version:
-        with self.store.reading() as conn:
+        with self.store.single_read() as conn:
             found = self.store.current(conn, rtype, rid)
         if found is None:
             raise error(404, "not-found", f"{rtype}/{rid} is not known")
@@ -78,7 +78,7 @@ class FhirService:
     def vread(self, rtype: str, rid: str, vid: str) -> Version:
         if not vid.isdigit():
             raise error(404, "not-found", f"{rtype}/{rid} has no version '{vid}'")
-        with self.store.reading() as conn:
+        with self.store.single_read() as conn:
             found = self.store.version(conn, rtype, rid, int(vid))
         if found is None:
             raise error(404, "not-found", f"{rtype}/{rid} has no version {vid}")

@@ -15,6 +15,7 @@ from sqlalchemy import event
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE = "carebroker_write"  # execution option marking a connection that will write
+NO_TRANSACTION = "carebroker_no_transaction"  # SQLite: one statement, no BEGIN/COMMIT
 
 
 def create_engine(url: str, **kwargs: object) -> sa.Engine:
@@ -41,7 +42,9 @@ def _configure_sqlite(engine: sa.Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
+        options = conn.get_execution_options()
+        if not options.get(NO_TRANSACTION):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if options.get(WRITE) else "BEGIN")
 
 
 def alembic_config(url: str) -> Config:

@@ -12,7 +12,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from fhir_server.storage.engine import WRITE
+from fhir_server.storage.engine import NO_TRANSACTION, WRITE
 from fhir_server.storage.schema import resource, resource_version, search_token
 
 
@@ -65,6 +65,13 @@ class Store:
         with self.engine.connect() as conn:
             with conn.begin():
                 yield conn
+
+    @contextmanager
+    def single_read(self) -> Iterator[sa.Connection]:
+        """For one SELECT: no BEGIN/COMMIT round trips (a single statement is consistent on its own)."""
+        options = {"isolation_level": "AUTOCOMMIT"} if self.is_postgres else {NO_TRANSACTION: True}
+        with self.engine.connect().execution_options(**options) as conn:
+            yield conn
 
     @contextmanager
     def writing(self) -> Iterator[sa.Connection]:
