@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
+from conformance.search_parameters import for_type
 from conformance.validation import r4_resource_types
 
 SOFTWARE_VERSION = "0.1.0"
@@ -18,9 +19,11 @@ class RouteInfo(Protocol):
     shape: str
 
 
-def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base_url: str) -> dict[str, Any]:
+def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base_url: str,
+                         searchable_kinds: frozenset[str]) -> dict[str, Any]:
+    """`searchable_kinds`: the search-parameter types the engine implements (composite is not one)."""
     routes = list(routes)
-    type_interactions = sorted({r.interaction for r in routes if r.level in ("type", "instance")},
+    type_interactions = sorted({r.interaction for r in routes if r.level in ("type", "instance", "compartment")},
                                key=_INTERACTION_ORDER.index)
     system_interactions = [r.interaction for r in routes if r.level == "system" and r.interaction != "capabilities"]
     conditional = {(r.interaction, r.level) for r in routes if r.level == "type"}
@@ -33,11 +36,6 @@ def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base
         "conditionalRead": "full-support",
         "conditionalUpdate": ("update", "type") in conditional,
         "conditionalDelete": "single" if ("delete", "type") in conditional else "not-supported",
-        "searchParam": [
-            {"name": "_id", "type": "token", "documentation": "Used in conditional interactions"},
-            {"name": "identifier", "type": "token",
-             "documentation": "Used in conditional interactions, for types that have an identifier element"},
-        ],
     }
     return {
         "resourceType": "CapabilityStatement",
@@ -54,9 +52,20 @@ def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base
             "mode": "server",
             "documentation": (f"{len(types)} of the {len(r4_resource_types())} R4 resource types are supported "
                               "(R4 types without a fhir.resources R4B model are not)."),
-            "resource": [{"type": t, **resource_entry} for t in types],
+            "resource": [{"type": t, **resource_entry, **_search_entry(t, searchable_kinds)} for t in types],
             "interaction": [{"code": code} for code in system_interactions],
         }],
+    }
+
+
+def _search_entry(rtype: str, kinds: frozenset[str]) -> dict[str, Any]:
+    params = [p for p in for_type(rtype).values() if p.type in kinds and (p.expression or p.code.startswith("_"))]
+    references = sorted(p.code for p in params if p.type == "reference")
+    return {
+        "searchInclude": ["*"] + [f"{rtype}:{code}" for code in references],
+        "searchRevInclude": ["*"],
+        "searchParam": [{"name": p.code, "definition": p.url, "type": p.type} for p in
+                        sorted(params, key=lambda p: p.code)],
     }
 
 

@@ -7,6 +7,10 @@ import os
 import sys
 
 from fhir_server.config import Settings
+from fhir_server.demo import demo_resources
+from fhir_server.service.interactions import FhirService
+from fhir_server.storage.engine import create_engine, migrate
+from fhir_server.storage.repository import Store
 
 log = logging.getLogger("carebroker")
 
@@ -31,26 +35,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(database_url=args.database)
 
-    from fhir_server.storage.engine import create_engine, migrate
-
     engine = create_engine(settings.database_url)
     migrate(engine)
+    service = FhirService(Store(engine))
+    if reindexed := service.reindex_if_needed():
+        log.info("search index rebuilt for %d resources", reindexed)
     if args.command == "migrate":
         log.info("schema of %s is up to date", engine.url.render_as_string(hide_password=True))
         return 0
     if args.demo:
-        load_demo(engine)
+        load_demo(service)
     engine.dispose()
     return serve_forever(settings, args)
 
 
-def load_demo(engine) -> None:  # type: ignore[no-untyped-def]
+def load_demo(service: FhirService) -> None:
     """PUT the demo population: idempotent, so a second `--demo` start changes nothing."""
-    from fhir_server.demo import demo_resources
-    from fhir_server.service.interactions import FhirService
-    from fhir_server.storage.repository import Store
-
-    service = FhirService(Store(engine))
     resources = demo_resources()
     for res in resources:
         service.update(res["resourceType"], res["id"], res)

@@ -21,7 +21,9 @@ from fastapi.testclient import TestClient
 
 from fhir_server.api.http import create_app
 from fhir_server.config import Settings
+from fhir_server.service.interactions import FhirService
 from fhir_server.storage.engine import create_engine, migrate
+from fhir_server.storage.repository import Store
 
 PG_URL = os.environ.get("CAREBROKER_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -132,6 +134,7 @@ class Backends:
 def migrate_url(url: str) -> None:
     engine = create_engine(url)
     migrate(engine)
+    FhirService(Store(engine)).reindex_if_needed()
     engine.dispose()
 
 

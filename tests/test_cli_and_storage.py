@@ -1,6 +1,7 @@
 """The `carebroker` command: demo start, migrations; and that a schema upgrade keeps data."""
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import httpx
 import sqlalchemy as sa
 
 from fhir_server.demo import demo_resources
-from fhir_server.storage.engine import create_engine
+from fhir_server.service.interactions import FhirService
+from fhir_server.storage.engine import create_engine, migrate
+from fhir_server.storage.repository import Store
 
 
 def fresh_url(backends, backend: str, tmp_path) -> str:  # type: ignore[no-untyped-def]
@@ -33,16 +36,24 @@ def test_serve_demo_loads_the_population_idempotently(backends, backend: str, tm
     assert len(history["entry"]) == min(len(expected), 1000)
 
 
-def test_migrate_command_is_idempotent_and_keeps_data(backends, backend: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_upgrade_from_first_schema_keeps_data_and_indexes_it(backends, backend: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A database made by revision 0001 (before search) is upgraded by `carebroker migrate`: its
+    resources survive and become searchable; running migrate again changes nothing."""
     url = fresh_url(backends, backend, tmp_path)
+    engine = create_engine(url)
+    migrate(engine, "0001")
+    store = Store(engine)
+    body = {"resourceType": "Patient", "id": "kept", "meta": {"versionId": "1", "lastUpdated": "2020-01-01T00:00:00Z"},
+            "name": [{"family": "Ó Súilleabháin"}]}
+    with store.writing() as conn:
+        store.write(conn, None, "Patient", "kept", 1, 0, "PUT", json.dumps(body))
     cli = [sys.executable, "-m", "fhir_server.cli", "migrate", "--database", url]
     subprocess.run(cli, check=True, capture_output=True)
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("INSERT INTO resource (type, id, version_id, last_updated, deleted) "
-                             "VALUES ('Patient', 'kept', 1, 0, false)")
     subprocess.run(cli, check=True, capture_output=True)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT id FROM resource")).scalars().all() == ["kept"]
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+    page, matches, _, _ = FhirService(store).search(
+        ("Patient",), [("family", "o suilleabhain")], strict=True, base_url="", count=10, cursor=None,
+        want_total=True)
+    assert [m.id for m in matches] == ["kept"] and page.total == 1
     engine.dispose()

@@ -224,6 +224,12 @@ def test_conditional_create(api) -> None:  # type: ignore[no-untyped-def]
     assert api.post("Patient", json=patient(identifier=[ident1]), headers=header).status_code == 412
     unknown = api.post("Patient", json=patient(), headers={"If-None-Exist": "colour=blue"})
     assert unknown.status_code == 400 and "colour" in issues(unknown)[0]["diagnostics"]
+    # any search parameter works as a criterion, not only identifiers
+    family = f"Fam{uuid.uuid4().hex[:8]}"
+    header2 = {"If-None-Exist": f"family={family}&birthdate=1950-04-02"}
+    made = api.post("Patient", json=patient(name=[{"family": family}]), headers=header2)
+    again = api.post("Patient", json=patient(name=[{"family": family}]), headers=header2)
+    assert made.status_code == 201 and again.status_code == 200 and again.json()["id"] == made.json()["id"]
 
 
 def test_conditional_update(api) -> None:  # type: ignore[no-untyped-def]
@@ -324,7 +330,7 @@ def test_method_not_allowed_and_unknown_paths(api) -> None:  # type: ignore[no-u
     assert resp.status_code == 405 and "GET" in resp.headers["allow"]
     assert api.get("Patient/1/_history/1/extra").status_code == 404
     base = api.delete("")  # the FHIR base itself is routed, not redirected
-    assert base.status_code == 404 and issues(base)[0]["code"] == "not-found"
+    assert base.status_code == 405 and issues(base)[0]["code"] == "not-supported"
 
 
 def test_capability_statement(api) -> None:  # type: ignore[no-untyped-def]
@@ -337,7 +343,11 @@ def test_capability_statement(api) -> None:  # type: ignore[no-untyped-def]
         assert t in types
     assert "MedicinalProduct" not in types
     codes = {i["code"] for i in types["Patient"]["interaction"]}
-    assert codes == {"read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create"}
+    assert codes == {"read", "vread", "update", "patch", "delete", "history-instance", "history-type", "create",
+                     "search-type"}
     assert types["Patient"]["versioning"] == "versioned-update"
     assert types["Patient"]["conditionalDelete"] == "single"
-    assert {i["code"] for i in rest["interaction"]} == {"history-system"}
+    assert {i["code"] for i in rest["interaction"]} == {"history-system", "search-system"}
+    params = {p["name"]: p["type"] for p in types["Patient"]["searchParam"]}
+    assert params["birthdate"] == "date" and params["general-practitioner"] == "reference"
+    assert params["_id"] == "token" and "Patient:general-practitioner" in types["Patient"]["searchInclude"]

@@ -6,18 +6,21 @@ CapabilityStatement is generated from, so the server never claims an interaction
 """
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
 from fhir_server import jsonfmt
 from conformance.capability import capability_statement
-from conformance.validation import supported_resource_types
+from conformance.validation import model_class, supported_resource_types
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
+from fhir_server.search.engine import Page
+from fhir_server.search.params import UNITS
 from fhir_server.service.interactions import FhirService, HistoryPage, Result
 from fhir_server.service.timefmt import now_us, parse_http_date, parse_instant, to_http_date, to_instant
 from fhir_server.storage.repository import Version
@@ -116,7 +119,8 @@ class FhirRouter:
     # -- handlers -------------------------------------------------------------------------------
 
     def metadata(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return json_response(200, capability_statement(ROUTES, sorted(self.types), req.base_url))
+        return json_response(200, capability_statement(ROUTES, sorted(self.types), req.base_url,
+                                                       frozenset(k for k in UNITS if not k.startswith("_"))))
 
     def read(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         version = self.service.read(parts[0], parts[1])
@@ -158,6 +162,26 @@ class FhirRouter:
     def conditional_delete(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._delete_response(self.service.conditional_delete(parts[0], self._criteria(req)))
 
+    def search_type(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._search(req, (parts[0],))
+
+    def search_type_post(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._search(_with_form(req), (parts[0],))
+
+    def search_system(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._search(req, self._system_types(req))
+
+    def search_system_post(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        form = _with_form(req)
+        return self._search(form, self._system_types(form))
+
+    def search_compartment(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        if parts[0] != "Patient":
+            raise error(404, "not-supported", f"Compartment search is supported for Patient, not {parts[0]}")
+        if parts[2] not in self.types:
+            raise error(404, "not-supported", f"Resource type '{parts[2]}' is not supported by this server")
+        return self._search(req, (parts[2],), compartment=parts[1])
+
     def history_instance(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._history(req, parts[0], parts[1])
 
@@ -169,9 +193,34 @@ class FhirRouter:
 
     # -- helpers --------------------------------------------------------------------------------
 
+    def _system_types(self, req: FhirRequest) -> tuple[str, ...]:
+        raw = req.param("_type")
+        if not raw:
+            return tuple(sorted(self.types))
+        types = tuple(t.strip() for t in raw.split(",") if t.strip())
+        unknown = [t for t in types if t not in self.types]
+        if unknown:
+            raise error(400, "not-supported", f"Parameter '_type': unknown resource type(s) {', '.join(unknown)}")
+        return types
+
+    def _search(self, req: FhirRequest, types: tuple[str, ...], compartment: str | None = None) -> FhirResponse:
+        strict = req.prefer("handling") == "strict"
+        summary = req.param("_summary")
+        if summary not in (None, "true", "false", "text", "data", "count"):
+            raise error(400, "invalid", f"Parameter '_summary': '{summary}' is not true, false, text, data or count")
+        total_mode = req.param("_total") or "accurate"
+        if total_mode not in ("none", "estimate", "accurate"):
+            raise error(400, "invalid", f"Parameter '_total': '{total_mode}' is not none, estimate or accurate")
+        count = 0 if summary == "count" else self._page_size(req)
+        page, matches, included, ignored = self.service.search(
+            types, req.params, strict=strict, base_url=req.base_url, count=count, cursor=req.param("_cursor"),
+            want_total=summary == "count" or total_mode != "none", compartment=compartment)
+        elements = [e.strip() for e in (req.param("_elements") or "").split(",") if e.strip()]
+        return json_response(200, search_bundle(req, page, matches, included, ignored, summary, elements))
+
     def _history(self, req: FhirRequest, rtype: str | None, rid: str | None) -> FhirResponse:
         since = parse_instant(s, "_since") if (s := req.param("_since")) else None
-        count = self._page_size(req)
+        count = max(1, self._page_size(req))
         before = _cursor(req.param("_before"), "_before")
         after = _cursor(req.param("_after"), "_after")
         page = self.service.history(rtype, rid, since, count, before, after)
@@ -183,7 +232,7 @@ class FhirRouter:
             return self.default_page_size
         if not raw.isdigit():
             raise error(400, "invalid", f"Parameter '_count': '{raw}' is not a non-negative integer")
-        return max(1, min(int(raw), self.max_page_size))
+        return min(int(raw), self.max_page_size)
 
     @staticmethod
     def _criteria(req: FhirRequest) -> str:
@@ -236,18 +285,27 @@ class FhirRouter:
         return FhirResponse(status, version.content.encode(), _version_headers(req, version, location))
 
 
+def _with_form(req: FhirRequest) -> FhirRequest:
+    """POST [type]/_search: the form body's parameters join those of the URL."""
+    ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+    if req.body and ctype != "application/x-www-form-urlencoded":
+        raise error(415, "not-supported", "POST _search takes application/x-www-form-urlencoded parameters")
+    form = parse_qsl((req.body or b"").decode(), keep_blank_values=True)
+    return replace(req, params=[*req.params, *form], path=req.path.rsplit("/_search", 1)[0], body=None)
+
+
 def _shape(parts: list[str]) -> str:
     """Path shape for routing: `Patient/1/_history` -> `{type}/{id}/_history`."""
     if not parts:
         return ""
-    if parts[0] in ("metadata", "_history"):
+    if parts[0] in ("metadata", "_history", "_search"):
         return "/".join(parts)
     out = ["{type}"]
     for i, p in enumerate(parts[1:], start=1):
         if i == 1:
             out.append(p if p in ("_history", "_search") else "{id}")
         elif i == 2:
-            out.append(p if p == "_history" else "{?}")
+            out.append(p if p == "_history" else "{ctype}" if p[:1].isupper() else "{?}")
         elif i == 3 and parts[2] == "_history":
             out.append("{vid}")
         else:
@@ -292,6 +350,74 @@ def outcome_response(status: int, issues: list[Issue], headers: dict[str, str] |
     return json_response(status, operation_outcome(issues), headers)
 
 
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
+
+
+def search_bundle(req: FhirRequest, page: Page, matches: list[Version], included: list[Version],
+                  ignored: list[str], summary: str | None, elements: list[str]) -> dict[str, Any]:
+    """A searchset Bundle. The self link shows only the parameters the search used."""
+    dropped = set(ignored) | {"_cursor"}
+    kept = [(k, v) for k, v in req.params if k not in dropped]
+    page_url = f"{req.base_url}/{req.path.strip('/')}".rstrip("/")
+    links = [{"relation": "self", "url": page_url + (f"?{urlencode(kept)}" if kept else "")}]
+    for relation, cursor in (("next", page.next_cursor), ("previous", page.previous_cursor)):
+        if cursor:
+            links.append({"relation": relation, "url": f"{page_url}?{urlencode(kept + [('_cursor', cursor)])}"})
+    entries: list[dict[str, Any]] = []
+    if summary != "count":
+        for mode, versions in (("match", matches), ("include", included)):
+            for v in versions:
+                entries.append({"fullUrl": f"{req.base_url}/{v.type}/{v.id}",
+                                "resource": _shaped(v, summary, elements), "search": {"mode": mode}})
+    if ignored:
+        outcome = operation_outcome([Issue("not-supported", f"Search parameter '{name}' is not known here and "
+                                           "was ignored", severity="warning") for name in ignored])
+        entries.append({"resource": outcome, "search": {"mode": "outcome"}})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "id": str(uuid.uuid4()),
+                              "meta": {"lastUpdated": to_instant(now_us())}, "type": "searchset"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle["link"] = links
+    if entries:
+        bundle["entry"] = entries
+    return bundle
+
+
+def _shaped(v: Version, summary: str | None, elements: list[str]) -> Any:
+    """The stored JSON as is, or reduced for `_summary`/`_elements` (and then tagged SUBSETTED)."""
+    assert v.content is not None
+    if summary in (None, "false") and not elements:
+        return orjson.Fragment(v.content)
+    full = jsonfmt.loads(v.content)
+    if summary == "data":
+        full.pop("text", None)
+        return _subsetted(full)
+    if summary == "text":
+        keep = ALWAYS_KEPT | {"text"}
+    elif summary == "true":
+        keep = ALWAYS_KEPT | summary_elements(v.type)
+    else:
+        keep = ALWAYS_KEPT | set(elements)
+    return _subsetted({k: val for k, val in full.items() if k in keep})
+
+
+def _subsetted(resource: dict[str, Any]) -> Any:
+    meta = dict(resource.get("meta") or {})
+    meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+    resource["meta"] = meta
+    return orjson.Fragment(jsonfmt.dumps(resource))
+
+
+@functools.cache
+def summary_elements(rtype: str) -> frozenset[str]:
+    """The elements R4 marks as part of the summary (from the models' summary flags)."""
+    cls = model_class(rtype)
+    fields = cls.model_fields.items() if cls else ()
+    return frozenset(info.alias or name for name, info in fields
+                     if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("summary_element_property"))
+
+
 _STATUS_TEXT = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
 
 
@@ -326,6 +452,11 @@ def history_bundle(req: FhirRequest, page: HistoryPage) -> dict[str, Any]:
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "metadata", "capabilities", "system", FhirRouter.metadata),
+    Route("GET", "", "search-system", "system", FhirRouter.search_system),
+    Route("POST", "_search", "search-system", "system", FhirRouter.search_system_post),
+    Route("GET", "{type}", "search-type", "type", FhirRouter.search_type),
+    Route("POST", "{type}/_search", "search-type", "type", FhirRouter.search_type_post),
+    Route("GET", "{type}/{id}/{ctype}", "search-type", "compartment", FhirRouter.search_compartment),
     Route("GET", "_history", "history-system", "system", FhirRouter.history_system),
     Route("POST", "{type}", "create", "type", FhirRouter.create),
     Route("PUT", "{type}", "update", "type", FhirRouter.conditional_update),

@@ -19,9 +19,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from conformance.validation import validate_resource
 from fhir_server import jsonfmt
 from fhir_server.outcome import FhirError, Issue, error
-from fhir_server.search.criteria import matching_pks, parse_criteria, token_index
+from fhir_server.search.engine import Page, compartment_condition, conditional_matches, parse_search, run_search
+from fhir_server.search.index import INDEX_VERSION, index_resource
 from fhir_server.service.timefmt import now_us, to_instant
 from fhir_server.storage.repository import Head, StaleHead, Store, Version
+from fhir_server.storage.schema import resource
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 T = TypeVar("T")
@@ -98,6 +100,37 @@ class FhirService:
             return HistoryPage(rows[-count:] if more else rows, total, True)
         return HistoryPage(rows[:count], total, more)
 
+    def search(self, types: tuple[str, ...], params: list[tuple[str, str]], *, strict: bool, base_url: str,
+               count: int, cursor: str | None, want_total: bool,
+               compartment: str | None = None) -> tuple[Page, list[Version], list[Version], list[str]]:
+        """Run a search in one snapshot: (page, matches in order, included resources, ignored parameters)."""
+        search = parse_search(types, params, strict, base_url)
+        extra = [compartment_condition(types[0], compartment, resource)] if compartment else []
+        with self.store.reading() as conn:
+            page = run_search(conn, search, extra, count, cursor, want_total)
+            matches = self.store.current_by_pks(conn, page.pks)
+            included = self.store.current_by_pks(conn, page.included)
+        return page, matches, included, search.ignored
+
+    # -- maintenance ----------------------------------------------------------------------------
+
+    def reindex_if_needed(self, batch: int = 500) -> int:
+        """Rebuild every search index row if they were built by another version of the extraction
+        (or before the index tables existed). Returns the number of resources reindexed."""
+        with self.store.reading() as conn:
+            if self.store.state(conn, "search_index_version") == INDEX_VERSION:
+                return 0
+        done = 0
+        for rows in self.store.live_batches(batch):
+            parsed = {pk: jsonfmt.loads(content) for pk, content in rows}
+            with self.store.writing() as conn:
+                self.store.replace_index(conn, {pk: (res["resourceType"], index_resource(res))
+                                                for pk, res in parsed.items()})
+            done += len(rows)
+        with self.store.writing() as conn:
+            self.store.set_state(conn, "search_index_version", INDEX_VERSION)
+        return done
+
     # -- writes ---------------------------------------------------------------------------------
 
     def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None = None) -> Result:
@@ -106,9 +139,8 @@ class FhirService:
 
         def tx(conn: sa.Connection) -> Result:
             if if_none_exist is not None:
-                criteria = parse_criteria(rtype, if_none_exist.split("?", 1)[-1])
                 self.store.lock_key(conn, f"{rtype}?{if_none_exist}")
-                found = matching_pks(conn, rtype, criteria)
+                found = conditional_matches(conn, rtype, if_none_exist.split("?", 1)[-1])
                 if len(found) > 1:
                     raise error(412, "multiple-matches",
                                 f"If-None-Exist '{if_none_exist}' matches more than one {rtype}")
@@ -134,7 +166,6 @@ class FhirService:
     def conditional_update(self, rtype: str, query: str, body: dict[str, Any],
                            if_match: str | None = None) -> Result:
         self._check_body(rtype, body)
-        criteria = parse_criteria(rtype, query)
         validate_resource(body)
         expected = parse_etag(if_match) if if_match else None
         body_id = body.get("id")
@@ -143,7 +174,7 @@ class FhirService:
 
         def tx(conn: sa.Connection) -> Result:
             self.store.lock_key(conn, f"{rtype}?{query}")
-            found = matching_pks(conn, rtype, criteria)
+            found = conditional_matches(conn, rtype, query)
             if len(found) > 1:
                 raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}")
             if found:
@@ -166,11 +197,10 @@ class FhirService:
         return self._in_write(lambda conn: self._patch_in(conn, rtype, rid, patch, expected))
 
     def conditional_patch(self, rtype: str, query: str, patch: Any, if_match: str | None = None) -> Result:
-        criteria = parse_criteria(rtype, query)
         expected = parse_etag(if_match) if if_match else None
 
         def tx(conn: sa.Connection) -> Result:
-            found = matching_pks(conn, rtype, criteria)
+            found = conditional_matches(conn, rtype, query)
             if len(found) != 1:
                 raise error(404 if not found else 412, "not-found" if not found else "multiple-matches",
                             f"'{query}' matches {'no' if not found else 'more than one'} {rtype}")
@@ -190,10 +220,8 @@ class FhirService:
         return self._in_write(tx)
 
     def conditional_delete(self, rtype: str, query: str) -> Result:
-        criteria = parse_criteria(rtype, query)
-
         def tx(conn: sa.Connection) -> Result:
-            found = matching_pks(conn, rtype, criteria)
+            found = conditional_matches(conn, rtype, query)
             if len(found) > 1:
                 raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}; nothing deleted")
             if not found:
@@ -259,7 +287,7 @@ class FhirService:
                   "meta": {"versionId": str(version_id), "lastUpdated": to_instant(stamp), **meta}}
         stored.update((k, v) for k, v in body.items() if k not in ("resourceType", "id", "meta"))
         return self.store.write(conn, head, rtype, rid, version_id, stamp, method,
-                                jsonfmt.dumps(stored).decode(), token_index(stored))
+                                jsonfmt.dumps(stored).decode(), index_resource(stored))
 
     @staticmethod
     def _check_body(rtype: str, body: Any) -> None:

@@ -54,9 +54,9 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
-def migrate(engine: sa.Engine) -> None:
-    """Bring the schema to the newest revision; an upgrade keeps the data."""
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (default: the newest); an upgrade keeps the data."""
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)

@@ -5,7 +5,7 @@ rules beyond "a version is a row".
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from fhir_server.storage.engine import NO_TRANSACTION, WRITE
-from fhir_server.storage.schema import resource, resource_version, search_token
+from fhir_server.storage.schema import INDEX_TABLES, resource, resource_version, server_state
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,12 @@ class Store:
         return Version(*row) if row else None
 
     def current_by_pks(self, conn: sa.Connection, pks: Sequence[int]) -> list[Version]:
-        rows = conn.execute(_CURRENT.where(resource.c.pk.in_(pks)).order_by(resource.c.pk)).all()
-        return [Version(*r) for r in rows]
+        """Current versions of the given resources, in the order of `pks`."""
+        if not pks:
+            return []
+        rows = conn.execute(_CURRENT.add_columns(resource.c.pk).where(resource.c.pk.in_(pks))).all()
+        by_pk = {r[-1]: Version(*r[:-1]) for r in rows}
+        return [by_pk[pk] for pk in pks if pk in by_pk]
 
     def head(self, conn: sa.Connection, rtype: str, rid: str, lock: bool = False) -> Head | None:
         """The head row; `lock` holds it (PostgreSQL row lock) until the transaction ends."""
@@ -139,7 +143,7 @@ class Store:
 
     def write(self, conn: sa.Connection, head: Head | None, rtype: str, rid: str, version_id: int,
               last_updated: int, method: str, content: str | None,
-              tokens: Sequence[tuple[str, str | None, str]] = ()) -> Version:
+              index: Mapping[str, Iterable[tuple[Any, ...]]] | None = None) -> Version:
         """Write version `version_id` of (rtype, rid) and move the head to it.
 
         The head moves only if it is still at the version the caller read (compare-and-set), so a
@@ -157,21 +161,60 @@ class Store:
             ).values(version_id=version_id, last_updated=last_updated, deleted=deleted)).rowcount
             if moved != 1:
                 raise StaleHead(rtype, rid)
-            conn.execute(search_token.delete().where(search_token.c.resource_pk == pk))
+            for table in INDEX_TABLES.values():
+                conn.execute(table.delete().where(table.c.resource_pk == pk))
         seq = conn.execute(resource_version.insert().values(
             resource_pk=pk, type=rtype, id=rid, version_id=version_id, last_updated=last_updated,
             method=method, content=content,
         ).returning(resource_version.c.seq)).scalar_one()
-        if tokens:
-            conn.execute(search_token.insert(), [
-                {"resource_pk": pk, "type": rtype, "param": p, "system": s, "code": v} for p, s, v in tokens])
+        self.insert_index(conn, pk, rtype, index or {})
         return Version(rtype, rid, version_id, last_updated, method, content, seq)
+
+    def replace_index(self, conn: sa.Connection, rows: Mapping[int, tuple[str, Mapping[str, Iterable[tuple[Any, ...]]]]]) -> None:
+        """Rebuild the index rows of the given resources: pk -> (type, rows)."""
+        for table in INDEX_TABLES.values():
+            conn.execute(table.delete().where(table.c.resource_pk.in_(list(rows))))
+        for pk, (rtype, index) in rows.items():
+            self.insert_index(conn, pk, rtype, index)
+
+    def live_batches(self, batch: int) -> Iterator[list[tuple[int, str]]]:
+        """(pk, content) of every live resource, in batches, each read in its own short transaction."""
+        last = 0
+        while True:
+            with self.reading() as conn:
+                rows = conn.execute(_CURRENT.with_only_columns(resource.c.pk, resource_version.c.content)
+                                    .where(resource.c.pk > last, resource.c.deleted.is_(False))
+                                    .order_by(resource.c.pk).limit(batch)).all()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [(int(pk), content) for pk, content in rows]
+
+    def state(self, conn: sa.Connection, key: str) -> str | None:
+        return conn.execute(sa.select(server_state.c.value).where(server_state.c.key == key)).scalar()
+
+    def set_state(self, conn: sa.Connection, key: str, value: str) -> None:
+        conn.execute(server_state.delete().where(server_state.c.key == key))
+        conn.execute(server_state.insert().values(key=key, value=value))
+
+    @staticmethod
+    def insert_index(conn: sa.Connection, pk: int, rtype: str, index: Mapping[str, Iterable[tuple[Any, ...]]]) -> None:
+        """Insert search index rows: per parameter type, tuples in the table's column order."""
+        for kind, rows in index.items():
+            columns = _INDEX_COLUMNS[kind]
+            batch = [{"resource_pk": pk, "type": rtype, **dict(zip(columns, row))} for row in rows]
+            if batch:
+                conn.execute(INDEX_TABLES[kind].insert(), batch)
 
     def lock_key(self, conn: sa.Connection, key: str) -> None:
         """Serialise writers that would decide on the same search (conditional create) on PostgreSQL;
         SQLite write transactions are already serial (BEGIN IMMEDIATE)."""
         if self.is_postgres:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
+
+
+_INDEX_COLUMNS = {kind: [c.name for c in table.columns if c.name not in ("resource_pk", "type")]
+                  for kind, table in INDEX_TABLES.items()}
 
 
 class StaleHead(Exception):

@@ -5,8 +5,7 @@
 - `resource_version`: one row per version, holding the canonical JSON (JSONB on PostgreSQL) with
   `meta.versionId`/`meta.lastUpdated` already in it, so a read serves the stored bytes as they are.
   `seq` orders every write in the server: history is paged by it (keyset, stable under writes).
-- `search_token`: token values extracted at write time (for now `identifier`, which conditional
-  create/update/delete rely on); the search engine adds its own parameter tables beside it.
+- `search_*`: one table per search-parameter type, filled at write time in the same transaction.
 
 Times are integer microseconds since the Unix epoch, UTC: exact, portable and cheap to compare.
 """
@@ -75,13 +74,69 @@ resource_version = sa.Table(
     sa.Index("ix_resource_version_type_seq", "type", "seq"),
 )
 
-search_token = sa.Table(
-    "search_token", metadata,
-    sa.Column("resource_pk", sa.BigInteger, sa.ForeignKey("resource.pk", ondelete="CASCADE"), nullable=False),
-    sa.Column("type", sa.String(64), nullable=False),
-    sa.Column("param", sa.String(64), nullable=False),
+# Search index tables: one per parameter type, rows extracted at write time (search/index.py).
+# Every row names its resource (pk), the resource type and the parameter code.
+SortableText = sa.String(255).with_variant(sa.String(255, collation="C"), "postgresql")
+
+
+def _index_table(name: str, *columns: sa.Column, lookups: tuple[tuple[str, ...], ...]) -> sa.Table:
+    table = sa.Table(
+        name, metadata,
+        sa.Column("resource_pk", sa.BigInteger, sa.ForeignKey("resource.pk", ondelete="CASCADE"), nullable=False),
+        sa.Column("type", sa.String(64), nullable=False),
+        sa.Column("param", sa.String(100), nullable=False),
+        *columns,
+    )
+    for i, cols in enumerate(lookups):
+        sa.Index(f"ix_{name}_lookup{i or ''}", *(table.c[c] for c in cols))
+    sa.Index(f"ix_{name}_resource", table.c.resource_pk)
+    return table
+
+
+search_token = _index_table(
+    "search_token",
     sa.Column("system", sa.String(255), nullable=True),
     sa.Column("code", sa.String(255), nullable=False),
-    sa.Index("ix_search_token_lookup", "type", "param", "code", "system"),
-    sa.Index("ix_search_token_resource", "resource_pk"),
+    lookups=(("type", "param", "code", "system"),))
+search_string = _index_table(
+    "search_string",
+    sa.Column("value", SortableText, nullable=False),  # normalised: case- and accent-free
+    sa.Column("exact", sa.Text, nullable=False),
+    lookups=(("type", "param", "value"),))
+search_date = _index_table(
+    "search_date",
+    sa.Column("lo", sa.BigInteger, nullable=False),  # [lo, hi) microseconds
+    sa.Column("hi", sa.BigInteger, nullable=False),
+    lookups=(("type", "param", "lo"), ("type", "param", "hi")))
+search_reference = _index_table(
+    "search_reference",
+    sa.Column("target_type", sa.String(64), nullable=True),
+    sa.Column("target_id", sa.String(64), nullable=True),
+    sa.Column("url", sa.String(512), nullable=True),  # absolute or canonical references
+    lookups=(("type", "param", "target_id", "target_type"), ("target_type", "target_id"), ("url",)))
+search_number = _index_table(
+    "search_number",
+    sa.Column("value", sa.Float, nullable=False),
+    lookups=(("type", "param", "value"),))
+search_quantity = _index_table(
+    "search_quantity",
+    sa.Column("system", sa.String(255), nullable=True),
+    sa.Column("code", sa.String(255), nullable=True),
+    sa.Column("value", sa.Float, nullable=False),
+    lookups=(("type", "param", "code", "value"),))
+search_uri = _index_table(
+    "search_uri",
+    sa.Column("uri", sa.String(512), nullable=False),
+    lookups=(("type", "param", "uri"),))
+
+INDEX_TABLES: dict[str, sa.Table] = {
+    "token": search_token, "string": search_string, "date": search_date, "reference": search_reference,
+    "number": search_number, "quantity": search_quantity, "uri": search_uri,
+}
+
+# Key-value facts about the stored data itself, e.g. which version of index extraction built it.
+server_state = sa.Table(
+    "server_state", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
 )
