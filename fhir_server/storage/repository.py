@@ -197,6 +197,37 @@ class Store:
         conn.execute(server_state.delete().where(server_state.c.key == key))
         conn.execute(server_state.insert().values(key=key, value=value))
 
+    def existing_ids(self, conn: sa.Connection, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        found: set[tuple[str, str]] = set()
+        by_type: dict[str, list[str]] = {}
+        for rtype, rid in keys:
+            by_type.setdefault(rtype, []).append(rid)
+        for rtype, ids in by_type.items():
+            rows = conn.execute(sa.select(resource.c.id).where(resource.c.type == rtype, resource.c.id.in_(ids)))
+            found.update((rtype, rid) for rid in rows.scalars())
+        return found
+
+    def insert_many(self, conn: sa.Connection,
+                    items: Sequence[tuple[str, str, str, Mapping[str, Iterable[tuple[Any, ...]]]]], stamp: int) -> None:
+        """Insert version 1 of many new resources, (type, id, content, index rows) each, in few statements."""
+        if not items:
+            return
+        pks = conn.execute(
+            resource.insert().returning(resource.c.pk, sort_by_parameter_order=True),
+            [{"type": t, "id": i, "version_id": 1, "last_updated": stamp, "deleted": False} for t, i, _, _ in items],
+        ).scalars().all()
+        conn.execute(resource_version.insert(), [
+            {"resource_pk": pk, "type": t, "id": i, "version_id": 1, "last_updated": stamp, "method": "PUT",
+             "content": c} for pk, (t, i, c, _) in zip(pks, items)])
+        batches: dict[str, list[dict[str, Any]]] = {}
+        for pk, (t, _, _, index) in zip(pks, items):
+            for kind, rows in index.items():
+                columns = _INDEX_COLUMNS[kind]
+                batches.setdefault(kind, []).extend(
+                    {"resource_pk": pk, "type": t, **dict(zip(columns, row))} for row in rows)
+        for kind, batch in batches.items():
+            conn.execute(INDEX_TABLES[kind].insert(), batch)
+
     @staticmethod
     def insert_index(conn: sa.Connection, pk: int, rtype: str, index: Mapping[str, Iterable[tuple[Any, ...]]]) -> None:
         """Insert search index rows: per parameter type, tuples in the table's column order."""
