@@ -409,3 +409,46 @@ def test_links_carry_the_search(world) -> None:  # type: ignore[no-untyped-def]
     nxt = urlparse(next(link["url"] for link in body["link"] if link["relation"] == "next"))
     params = parse_qs(nxt.query)
     assert params["_count"] == ["2"] and params["_sort"] == ["birthdate"] and "_cursor" in params
+
+
+def test_uri_above_and_count_cap(api) -> None:  # type: ignore[no-untyped-def]
+    api.put("ValueSet/vs-above", json={"resourceType": "ValueSet", "id": "vs-above", "status": "active",
+                                       "url": "http://example.org/fhir/ValueSet/nwl-ethnicity"})
+    found = api.get("ValueSet?url:above=http://example.org/fhir/ValueSet/nwl-ethnicity/extra/part").json()
+    assert [e["resource"]["id"] for e in found["entry"]] == ["vs-above"]
+    assert "entry" not in api.get("ValueSet?url:above=http://example.org/other/ValueSet/nwl-ethnicity").json()
+    capped = api.get("Patient?_count=100000&_total=none").json()
+    assert len(capped.get("entry", [])) <= 1000
+
+
+def test_official_examples_are_found_by_their_own_values(api, corpus) -> None:  # type: ignore[no-untyped-def]
+    """Official R4 examples (as published) are indexed on write and found by typical searches."""
+    import json
+    folder = corpus / "hl7-fhir-r4-examples-clinical" / "examples"
+    for name in ("Patient-example.json", "Observation-example.json", "Condition-example.json",
+                 "CarePlan-example.json", "Encounter-example.json", "AllergyIntolerance-example.json"):
+        res = json.loads((folder / name).read_text())
+        assert api.put(f"{res['resourceType']}/{res['id']}", json=res).status_code in (200, 201)
+    checks = [
+        ("Patient?family=chalmers&birthdate=1974-12-25&identifier=urn:oid:1.2.36.146.595.217.0.1|12345", "example"),
+        ("Observation?code=http://loinc.org|29463-7&subject=Patient/example&value-quantity=185||[lb_av]", "example"),
+        ("Observation?date=2016-03-28&category=vital-signs", "example"),
+        ("Condition?code=http://snomed.info/sct|39065001&severity=24484000", "example"),
+        ("Encounter?status=in-progress&class=IMP", "example"),
+        ("AllergyIntolerance?criticality=high&code=227493005", "example"),
+    ]
+    for query, expected in checks:
+        body = api.get(query).json()
+        assert expected in {e["resource"]["id"] for e in body.get("entry", [])}, query
+
+
+def test_index_extraction_never_fails_on_official_examples(corpus) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from conformance.validation import supported_resource_types
+    from fhir_server.search.index import index_resource
+    rows = 0
+    for path in sorted((corpus / "hl7-fhir-r4-examples-clinical" / "examples").glob("*.json")):
+        res = json.loads(path.read_text())
+        if res["resourceType"] in supported_resource_types():
+            rows += sum(len(v) for v in index_resource(res).values())
+    assert rows > 7_000  # 7,640 rows from the 696 examples of supported types

@@ -82,6 +82,12 @@ def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, bas
     """The condition for one parameter over the given types (ORed across types), or None if unknown."""
     if depth > MAX_CHAIN_DEPTH:
         raise error(400, "too-costly", f"'{name}': chains are limited to {MAX_CHAIN_DEPTH} levels")
+    code, _, modifier = name.partition(":")
+    if len(types) > 1 and all(for_type(t).get(code) is not None and for_type(t)[code].base == "Resource"
+                              for t in types):
+        # a common parameter (_tag, _profile, ...): one condition, not one per type
+        unit = make_unit(for_type(types[0])[code], None, modifier or None, name)
+        return unit.clause(r, raw)
     per_type = []
     for rtype in types:
         cond = _type_condition(rtype, name, raw, r, base_url, strict, depth)
@@ -111,7 +117,7 @@ def _type_condition(rtype: str, name: str, raw: str, r: sa.FromClause, base_url:
     return unit.clause(r, raw)
 
 
-def make_unit(param: SearchParameter, rtype: str, modifier: str | None, name: str) -> Unit:
+def make_unit(param: SearchParameter, rtype: str | None, modifier: str | None, name: str) -> Unit:
     unit_cls = UNITS.get(param.code) or UNITS.get(param.type)
     if unit_cls is None:
         raise error(400, "not-supported", f"Search parameter '{param.code}' ({param.type}) is not supported")

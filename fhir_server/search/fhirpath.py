@@ -9,6 +9,7 @@ fhirpathpy, a full FHIRPath engine, so no official expression is left unindexed.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ import fhirpathpy
 from fhirpathpy.models import models as fhirpath_models
 
 from conformance.search_parameters import split_union
+
+log = logging.getLogger("carebroker.search")
 
 Extractor = Callable[[dict[str, Any]], list[Any]]
 Step = Callable[[list[Any]], list[Any]]
@@ -27,6 +30,7 @@ _WHERE_RESOLVE = re.compile(r"where\(resolve\(\) is ([A-Za-z]+)\)")
 _WHERE_EQ = re.compile(r"where\(([A-Za-z]+)\s*=\s*'([^']*)'\)")
 _TYPE_FN = re.compile(r"(?:as|ofType)\(([A-Za-z]+)\)")
 _EXTENSION = re.compile(r"extension\('([^']*)'\)")
+_WHERE_HAS_EXTENSION = re.compile(r"where\(hasExtension\('([^']*)'\)\)")
 _INDEX = re.compile(r"([A-Za-z][A-Za-z0-9_]*)\[(\d+)\]")
 
 
@@ -122,6 +126,14 @@ def _extension(url: str) -> Step:
     return step
 
 
+def _where_has_extension(url: str) -> Step:
+    has = _extension(url)
+
+    def step(nodes: list[Any]) -> list[Any]:
+        return [n for n in _untyped(nodes) if has([n])]
+    return step
+
+
 def _index(name: str, i: int) -> Step:
     child = _child(name)
 
@@ -197,6 +209,8 @@ def _path_steps(path: str) -> list[Step]:
             steps.append(_only_type(m.group(1)))
         elif m := _EXTENSION.fullmatch(tok):
             steps.append(_extension(m.group(1)))
+        elif m := _WHERE_HAS_EXTENSION.fullmatch(tok):
+            steps.append(_where_has_extension(m.group(1)))
         elif m := _INDEX.fullmatch(tok):
             steps.append(_index(m.group(1), int(m.group(2))))
         else:
@@ -208,7 +222,11 @@ def _fhirpathpy(expression: str) -> Extractor:
     compiled = fhirpathpy.compile(expression, fhirpath_models["r4"])
 
     def run(resource: dict[str, Any]) -> list[Any]:
-        return _flatten(list(compiled(resource)))
+        try:
+            return _flatten(list(compiled(resource)))
+        except Exception:  # an engine gap must not fail a write; the value is just not indexed
+            log.warning("FHIRPath engine could not evaluate %r", expression, exc_info=True)
+            return []
     return run
 
 

@@ -58,7 +58,7 @@ class Unit(ABC):
     """A search-parameter type: its modifiers, and the SQL condition for one parameter occurrence."""
 
     param: SearchParameter
-    rtype: str
+    rtype: str | None  # None: any type (a common parameter in a search across types)
     modifier: str | None
     name: str  # as written in the request, for error messages
 
@@ -84,7 +84,8 @@ class IndexedUnit(Unit):
 
     def rows(self, param_code: str | None = None) -> sa.Select[Any]:
         t = self.table
-        return sa.select(t.c.resource_pk).where(t.c.type == self.rtype, t.c.param == (param_code or self.param.code))
+        q = sa.select(t.c.resource_pk).where(t.c.param == (param_code or self.param.code))
+        return q.where(t.c.type == self.rtype) if self.rtype else q
 
     def clause(self, r: sa.FromClause, raw: str) -> sa.ColumnElement[bool]:
         pk = r.c.pk
