@@ -34,8 +34,9 @@ class SearchParameter:
     components: tuple[tuple[str, str], ...] = ()  # (definition url, expression) for composites
 
 
-def split_union(expression: str) -> list[str]:
-    """Top-level `|` parts of a FHIRPath expression (not those inside parentheses or strings)."""
+def split_top_level(expression: str, sep: str) -> list[str]:
+    """Parts of a FHIRPath expression between top-level `sep` characters (not inside parentheses
+    or string literals), stripped; empty parts dropped."""
     parts, depth, quoted, cur = [], 0, False, []
     for ch in expression:
         if ch == "'":
@@ -44,13 +45,18 @@ def split_union(expression: str) -> list[str]:
             depth += 1
         elif not quoted and ch == ")":
             depth -= 1
-        if ch == "|" and depth == 0 and not quoted:
+        if ch == sep and depth == 0 and not quoted:
             parts.append("".join(cur).strip())
             cur = []
         else:
             cur.append(ch)
     parts.append("".join(cur).strip())
     return [p for p in parts if p]
+
+
+def split_union(expression: str) -> list[str]:
+    """Top-level `|` parts of a FHIRPath expression."""
+    return split_top_level(expression, "|")
 
 
 def _root(part: str) -> str:

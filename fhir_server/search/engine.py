@@ -343,13 +343,7 @@ def _include_query(source_pks: list[int], inc: Include) -> sa.Select[Any]:
     q = (sa.select(target.c.pk).select_from(sr.join(target, sa.and_(
         target.c.type == sr.c.target_type, target.c.id == sr.c.target_id)))
         .where(sr.c.resource_pk.in_(source_pks), target.c.deleted.is_(False)))
-    if inc.source_type != "*":
-        q = q.where(sr.c.type == inc.source_type)
-    if inc.param:
-        q = q.where(sr.c.param == inc.param)
-    if inc.target_type:
-        q = q.where(sr.c.target_type == inc.target_type)
-    return q
+    return _narrowed(q, sr, inc)
 
 
 def _revinclude_query(target_pks: list[int], inc: Include) -> sa.Select[Any]:
@@ -358,6 +352,11 @@ def _revinclude_query(target_pks: list[int], inc: Include) -> sa.Select[Any]:
         sr.join(target, sa.and_(target.c.type == sr.c.target_type, target.c.id == sr.c.target_id))
         .join(source, source.c.pk == sr.c.resource_pk))
         .where(target.c.pk.in_(target_pks), source.c.deleted.is_(False)))
+    return _narrowed(q, sr, inc)
+
+
+def _narrowed(q: sa.Select[Any], sr: sa.FromClause, inc: Include) -> sa.Select[Any]:
+    """Restrict reference rows to those the _include/_revinclude names (source type, parameter, target)."""
     if inc.source_type != "*":
         q = q.where(sr.c.type == inc.source_type)
     if inc.param:

@@ -17,7 +17,7 @@ from typing import Any
 import fhirpathpy
 from fhirpathpy.models import models as fhirpath_models
 
-from conformance.search_parameters import split_union
+from conformance.search_parameters import split_top_level, split_union
 
 log = logging.getLogger("carebroker.search")
 
@@ -36,16 +36,6 @@ _INDEX = re.compile(r"([A-Za-z][A-Za-z0-9_]*)\[(\d+)\]")
 
 class Unsupported(Exception):
     """The expression is outside the fast subset: evaluate it with fhirpathpy."""
-
-
-def _flatten(values: list[Any]) -> list[Any]:
-    out: list[Any] = []
-    for v in values:
-        if isinstance(v, list):
-            out.extend(v)
-        elif v is not None:
-            out.append(v)
-    return out
 
 
 def _child(name: str) -> Step:
@@ -174,27 +164,9 @@ def _compile_part(part: str) -> Extractor:
     return run
 
 
-def _split_steps(path: str) -> list[str]:
-    parts, depth, quoted, cur = [], 0, False, []
-    for ch in path:
-        if ch == "'":
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-        if ch == "." and depth == 0 and not quoted:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return parts
-
-
 def _path_steps(path: str) -> list[Step]:
     """Steps after the root type name (`Patient.name.given` -> [name, given])."""
-    tokens = _split_steps(path)
+    tokens = split_top_level(path, ".")
     if not _NAME.fullmatch(tokens[0]):
         raise Unsupported(path)
     steps: list[Step] = []
@@ -223,7 +195,7 @@ def _fhirpathpy(expression: str) -> Extractor:
 
     def run(resource: dict[str, Any]) -> list[Any]:
         try:
-            return _flatten(list(compiled(resource)))
+            return _flatten_typed(list(compiled(resource)))
         except Exception:  # an engine gap must not fail a write; the value is just not indexed
             log.warning("FHIRPath engine could not evaluate %r", expression, exc_info=True)
             return []
