@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     service = FhirService(Store(engine))
     if reindexed := service.reindex_if_needed():
         log.info("search index rebuilt for %d resources", reindexed)
+    service.store.refresh_statistics()
     if args.command == "migrate":
         log.info("schema of %s is up to date", engine.url.render_as_string(hide_password=True))
         return 0
     if args.demo:
         load_demo(service)
+        service.store.refresh_statistics()
     engine.dispose()
     return serve_forever(settings, args)
 

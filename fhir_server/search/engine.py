@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from conformance.search_parameters import SearchParameter, for_type, patient_compartment
 from fhir_server.outcome import error
-from fhir_server.search.params import UNITS, ReferenceUnit, Unit, split_escaped
+from fhir_server.search.params import UNITS, DateUnit, ReferenceUnit, Unit, split_escaped
 from fhir_server.search.values import MAX_US, MIN_US
 from fhir_server.storage.schema import resource, search_reference
 
@@ -50,14 +50,25 @@ class Search:
     revincludes: list[Include] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
+    @property
+    def criteria_names(self) -> set[str]:
+        return {name for name, _ in self.criteria}
+
 
 def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: bool, base_url: str,
                  r: sa.FromClause = resource) -> Search:
     """Parse search parameters for `types` into conditions on `r`. Unknown parameters are ignored
     (and reported) unless `strict`; malformed values are always a 400 naming the parameter."""
     search = Search(types)
+    ranges = _date_ranges(types, params)
     for name, raw in params:
         if name.split(":", 1)[0] in RESULT_PARAMETERS:
+            continue
+        if name in ranges:
+            if name not in search.criteria_names:  # the whole range once, at its first occurrence
+                search.criteria.extend((name, v) for v in ranges[name])
+                search.conditions.append(DateUnit(for_type(types[0])[name], types[0], None, name)
+                                         .clause_and(r, ranges[name]))
             continue
         cond = condition(types, name, raw, r, base_url, strict)
         if cond is None:
@@ -75,6 +86,18 @@ def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: 
             include = parse_include(raw, mod in ("iterate", "recurse"), name)
             (search.includes if base == "_include" else search.revincludes).append(include)
     return search
+
+
+def _date_ranges(types: tuple[str, ...], params: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """Date parameters given more than once with single values (`birthdate=ge1950&birthdate=lt1951`)."""
+    if len(types) != 1:
+        return {}
+    seen: dict[str, list[str]] = {}
+    for name, raw in params:
+        param = for_type(types[0]).get(name)
+        if param is not None and param.type == "date" and name != "_lastUpdated" and "," not in raw:
+            seen.setdefault(name, []).append(raw)
+    return {name: raws for name, raws in seen.items() if len(raws) > 1}
 
 
 def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, base_url: str,

@@ -13,7 +13,7 @@ from typing import Any
 
 from conformance.search_parameters import SearchParameter, for_type
 from fhir_server.search.fhirpath import compile_expression, reference_type
-from fhir_server.search.values import MAX_US, MIN_US, date_range, normalise
+from fhir_server.search.values import MAX_US, MIN_US, NARROW_US, date_range, normalise
 
 # Bump when extraction changes: stored indexes are then rebuilt at the next start (reindex()).
 INDEX_VERSION = "1"
@@ -96,16 +96,20 @@ def _tokens(code: str, values: list[Any]) -> Iterator[tuple[str, Row]]:
                 yield "string", (text_param, _clip(normalise(v["text"])), v["text"])
 
 
+def _date_row(code: str, lo: int, hi: int) -> tuple[str, Row]:
+    return "date", (code, lo, hi, hi - lo <= NARROW_US)
+
+
 def _dates(code: str, values: list[Any]) -> Iterator[tuple[str, Row]]:
     for v in values:
         if isinstance(v, str):
             rng = date_range(v)
             if rng:
-                yield "date", (code, *rng)
+                yield _date_row(code, *rng)
         elif isinstance(v, dict) and ("start" in v or "end" in v):  # Period
             start = date_range(v["start"]) if isinstance(v.get("start"), str) else None
             end = date_range(v["end"]) if isinstance(v.get("end"), str) else None
-            yield "date", (code, start[0] if start else MIN_US, end[1] if end else MAX_US)
+            yield _date_row(code, start[0] if start else MIN_US, end[1] if end else MAX_US)
         elif isinstance(v, dict) and isinstance(v.get("event"), list):  # Timing
             yield from _dates(code, v["event"])
 

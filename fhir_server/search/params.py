@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from conformance.search_parameters import SearchParameter
 from fhir_server.outcome import error
 from fhir_server.search.index import split_reference
-from fhir_server.search.values import date_range, normalise, number_range
+from fhir_server.search.values import NARROW_US, date_range, normalise, number_range
 from fhir_server.storage.schema import INDEX_TABLES
 
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -164,18 +164,62 @@ class StringUnit(IndexedUnit):
 
 
 class DateUnit(IndexedUnit):
+    """Dates are ranges. Most indexed values are narrow (a day or finer): for those, every prefix
+    also bounds `lo`, which makes the condition an index range scan instead of a scan of every
+    value below or above the search date; wide values (years, periods) are checked as they are.
+    Repeated occurrences (`date=ge2020&date=lt2021`) are one range on one value, as HAPI does."""
+
     kind = "date"
     modifiers = frozenset({"missing"})
 
     def match(self, value: str) -> sa.ColumnElement[bool]:
-        prefix, raw = _prefixed(value)
-        rng = date_range(raw)
-        if rng is None:
-            raise bad_value(self.name, value, "is not a valid date, dateTime or instant")
-        return range_condition(prefix, rng[0], rng[1], self.table.c.lo, self.table.c.hi, datetime_now_us())
+        return self._and_match([value])
+
+    def clause_and(self, r: sa.FromClause, raws: list[str]) -> sa.ColumnElement[bool]:
+        """Several ANDed occurrences (single values each) as one condition on the same value."""
+        return r.c.pk.in_(self.rows().where(self._and_match(raws)))
+
+    def _and_match(self, values: list[str]) -> sa.ColumnElement[bool]:
+        t = self.table
+        conds, low, high = [], None, None
+        now = datetime_now_us()
+        for value in values:
+            prefix, raw = _prefixed(value)
+            rng = date_range(raw)
+            if rng is None:
+                raise bad_value(self.name, value, "is not a valid date, dateTime or instant")
+            conds.append(range_condition(prefix, rng[0], rng[1], t.c.lo, t.c.hi, now))
+            lo_bound, hi_bound = _narrow_lo_bounds(prefix, rng[0], rng[1], now)
+            low = lo_bound if low is None or (lo_bound is not None and lo_bound > low) else low
+            high = hi_bound if high is None or (hi_bound is not None and hi_bound < high) else high
+        narrow = [t.c.narrow.is_(True), *conds]
+        if low is not None:
+            narrow.append(t.c.lo >= low)
+        if high is not None:
+            narrow.append(t.c.lo < high)
+        return sa.or_(sa.and_(*narrow), sa.and_(t.c.narrow.is_(False), *conds))
 
     def sort_column(self) -> sa.ColumnElement[Any]:
         return self.table.c.lo
+
+
+def _narrow_lo_bounds(prefix: str, plo: int, phi: int, now: int) -> tuple[int | None, int | None]:
+    """For values with hi - lo <= NARROW_US: bounds on lo implied by each prefix's condition."""
+    day = NARROW_US
+    if prefix == "eq":
+        return plo, phi
+    if prefix in ("gt", "ge"):
+        return (phi if prefix == "gt" else plo) - day, None
+    if prefix == "sa":
+        return phi, None
+    if prefix in ("lt", "eb"):
+        return None, plo
+    if prefix == "le":
+        return None, phi
+    if prefix == "ap":
+        gap = int(abs(now - plo) * 0.1)
+        return plo - gap - day, phi + gap
+    return None, None  # ne
 
 
 def datetime_now_us() -> int:

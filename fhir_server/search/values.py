@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 MIN_US = -(2**62)
 MAX_US = 2**62
+NARROW_US = 86_400_000_000  # a date range at most this long (a day or finer) is "narrow"
 
 _DATE = re.compile(
     r"(?P<y>\d{4})(?:-(?P<m>\d{2})(?:-(?P<d>\d{2})"

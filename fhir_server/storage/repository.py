@@ -190,6 +190,15 @@ class Store:
             last = rows[-1][0]
             yield [(int(pk), content) for pk, content in rows]
 
+    def refresh_statistics(self) -> None:
+        """SQLite plans joins well only with table statistics (a _has search went from 20 ms to
+        under 1 ms at 10k patients); a sampled ANALYZE takes well under a second even on GBs.
+        PostgreSQL's autovacuum keeps its own statistics."""
+        if not self.is_postgres:
+            with self.engine.connect().execution_options(**{NO_TRANSACTION: True}) as conn:
+                conn.exec_driver_sql("PRAGMA analysis_limit=1000")
+                conn.exec_driver_sql("ANALYZE")
+
     def state(self, conn: sa.Connection, key: str) -> str | None:
         return conn.execute(sa.select(server_state.c.value).where(server_state.c.key == key)).scalar()
 

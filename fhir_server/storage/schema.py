@@ -107,7 +107,9 @@ search_date = _index_table(
     "search_date",
     sa.Column("lo", sa.BigInteger, nullable=False),  # [lo, hi) microseconds
     sa.Column("hi", sa.BigInteger, nullable=False),
-    lookups=(("type", "param", "lo"), ("type", "param", "hi")))
+    # narrow: at most a day long, so a bound on hi is a bound on lo too (see search/params.py)
+    sa.Column("narrow", sa.Boolean, nullable=False),
+    lookups=(("type", "param", "narrow", "lo"),))
 search_reference = _index_table(
     "search_reference",
     sa.Column("target_type", sa.String(64), nullable=True),

@@ -15,8 +15,9 @@ _TEXT = sa.String(255).with_variant(sa.String(255, collation="C"), "postgresql")
 _TABLES = {
     "search_string": ([sa.Column("value", _TEXT, nullable=False), sa.Column("exact", sa.Text, nullable=False)],
                       [("type", "param", "value")]),
-    "search_date": ([sa.Column("lo", sa.BigInteger, nullable=False), sa.Column("hi", sa.BigInteger, nullable=False)],
-                    [("type", "param", "lo"), ("type", "param", "hi")]),
+    "search_date": ([sa.Column("lo", sa.BigInteger, nullable=False), sa.Column("hi", sa.BigInteger, nullable=False),
+                     sa.Column("narrow", sa.Boolean, nullable=False)],
+                    [("type", "param", "narrow", "lo")]),
     "search_reference": ([sa.Column("target_type", sa.String(64)), sa.Column("target_id", sa.String(64)),
                           sa.Column("url", sa.String(512))],
                          [("type", "param", "target_id", "target_type"), ("target_type", "target_id"), ("url",)]),
