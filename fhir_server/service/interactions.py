@@ -309,7 +309,7 @@ class FhirService:
                                           in prepared.items() if (t, i) not in existing], stamp)
             return len(prepared)
 
-        return self._in_write(tx)
+        return self._in_write(tx, weight=len(prepared))
 
     @staticmethod
     def _check_body(rtype: str, body: Any) -> None:
@@ -320,12 +320,15 @@ class FhirService:
             raise error(400, "invalid", f"resourceType in the body ({found!r}) must be '{rtype}'",
                         expression="resourceType")
 
-    def _in_write(self, work: Callable[[sa.Connection], T]) -> T:
-        """Run `work` in a write transaction, retrying when a concurrent writer got there first."""
+    def _in_write(self, work: Callable[[sa.Connection], T], weight: int = 1) -> T:
+        """Run `work` in a write transaction, retrying when a concurrent writer got there first.
+        `weight`: how many resources it writes (for the statistics refresh)."""
         for attempt in range(5):
             try:
                 with self.store.writing() as conn:
-                    return work(conn)
+                    result = work(conn)
+                self.store.note_written(weight)
+                return result
             except (StaleHead, IntegrityError) as exc:
                 if attempt == 4:
                     raise error(409, "conflict", f"Concurrent writes kept conflicting: {exc}") from None

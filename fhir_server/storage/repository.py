@@ -55,9 +55,13 @@ _CURRENT = (
 class Store:
     """Transactions and row-level primitives over one engine."""
 
+    # SQLite statistics go stale as data grows; refresh them after this many written resources.
+    STATISTICS_EVERY = 20_000
+
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
+        self._written = 0
 
     @contextmanager
     def reading(self) -> Iterator[sa.Connection]:
@@ -189,6 +193,12 @@ class Store:
                 return
             last = rows[-1][0]
             yield [(int(pk), content) for pk, content in rows]
+
+    def note_written(self, count: int) -> None:
+        """Count written resources; refresh SQLite's statistics every STATISTICS_EVERY of them."""
+        before, self._written = self._written, self._written + count
+        if before // self.STATISTICS_EVERY != self._written // self.STATISTICS_EVERY:
+            self.refresh_statistics()
 
     def refresh_statistics(self) -> None:
         """SQLite plans joins well only with table statistics (a _has search went from 20 ms to
