@@ -20,7 +20,7 @@ from conformance.validation import validate_resource
 from fhir_server import jsonfmt
 from fhir_server.outcome import FhirError, Issue, error
 from fhir_server.search.engine import Page, compartment_condition, conditional_matches, parse_search, run_search
-from fhir_server.search.index import INDEX_VERSION, index_resource
+from fhir_server.search.index import INDEX_VERSION, IndexRows, index_resource
 from fhir_server.service.timefmt import now_us, to_instant
 from fhir_server.storage.repository import Head, StaleHead, Store, Version
 from fhir_server.storage.schema import resource
@@ -136,6 +136,7 @@ class FhirService:
     def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None = None) -> Result:
         self._check_body(rtype, body)
         validate_resource(body)
+        index = index_resource(body)
 
         def tx(conn: sa.Connection) -> Result:
             if if_none_exist is not None:
@@ -149,7 +150,7 @@ class FhirService:
                     return Result(200, existing, [Issue("informational",
                                   f"{rtype}/{existing.id} already matches '{if_none_exist}'; nothing created",
                                   severity="information")])
-            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "POST"))
+            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "POST", index))
 
         return self._in_write(tx)
 
@@ -161,12 +162,14 @@ class FhirService:
                         f"in the URL ('{rid}')", expression=f"{rtype}.id")
         validate_resource(body)
         expected = parse_etag(if_match) if if_match else None
-        return self._in_write(lambda conn: self._update_in(conn, rtype, rid, body, expected))
+        index = index_resource(body)
+        return self._in_write(lambda conn: self._update_in(conn, rtype, rid, body, expected, index=index))
 
     def conditional_update(self, rtype: str, query: str, body: dict[str, Any],
                            if_match: str | None = None) -> Result:
         self._check_body(rtype, body)
         validate_resource(body)
+        index = index_resource(body)
         expected = parse_etag(if_match) if if_match else None
         body_id = body.get("id")
         if body_id is not None:
@@ -182,12 +185,12 @@ class FhirService:
                 if body_id is not None and body_id != target:
                     raise error(400, "invalid", f"'{query}' matches {rtype}/{target}, but the body has id "
                                 f"'{body_id}'", expression=f"{rtype}.id")
-                return self._update_in(conn, rtype, target, {**body, "id": target}, expected)
+                return self._update_in(conn, rtype, target, {**body, "id": target}, expected, index=index)
             if body_id is not None:
                 if self.store.head(conn, rtype, body_id) is not None:
                     raise error(409, "conflict", f"{rtype}/{body_id} exists but does not match '{query}'")
-                return self._update_in(conn, rtype, body_id, body, expected)
-            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "PUT"))
+                return self._update_in(conn, rtype, body_id, body, expected, index=index)
+            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "PUT", index))
 
         return self._in_write(tx)
 
@@ -237,7 +240,7 @@ class FhirService:
     # -- write steps (inside a transaction) -------------------------------------------------------
 
     def _update_in(self, conn: sa.Connection, rtype: str, rid: str, body: dict[str, Any],
-                   expected: int | None, method: str = "PUT") -> Result:
+                   expected: int | None, method: str = "PUT", index: IndexRows | None = None) -> Result:
         head = self.store.head(conn, rtype, rid, lock=True)
         if expected is not None and (head is None or head.version_id != expected):
             raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
@@ -247,7 +250,7 @@ class FhirService:
             if current is not None and current.content is not None and _same_content(current.content, body):
                 return Result(200, current, [Issue("informational", "No change: no new version was created",
                                                    severity="information")])
-        version = self._put_version(conn, head, rtype, rid, body, method)
+        version = self._put_version(conn, head, rtype, rid, body, method, index)
         return Result(201 if head is None or head.deleted else 200, version)
 
     def _patch_in(self, conn: sa.Connection, rtype: str, rid: str, patch: Any, expected: int | None) -> Result:
@@ -279,12 +282,14 @@ class FhirService:
         return Result(204, version)
 
     def _put_version(self, conn: sa.Connection, head: Head | None, rtype: str, rid: str,
-                     body: dict[str, Any], method: str) -> Version:
+                     body: dict[str, Any], method: str, index: IndexRows | None = None) -> Version:
+        """Write the next version. `index`: the body's index rows if already extracted (they do not
+        depend on id, version or time, so callers extract them before taking the write lock)."""
         version_id = 1 if head is None else head.version_id + 1
         stamp = now_us() if head is None else max(now_us(), head.last_updated)
         stored = _stored_form(body, rtype, rid, version_id, stamp)
         return self.store.write(conn, head, rtype, rid, version_id, stamp, method,
-                                jsonfmt.dumps(stored).decode(), index_resource(stored))
+                                jsonfmt.dumps(stored).decode(), index if index is not None else index_resource(stored))
 
     def bulk_put(self, resources: list[dict[str, Any]], validate: bool = True) -> int:
         """Store a batch of resources with client ids in one transaction (the loader's fast path):
@@ -304,7 +309,7 @@ class FhirService:
         def tx(conn: sa.Connection) -> int:
             existing = self.store.existing_ids(conn, list(prepared))
             for key in existing:
-                self._update_in(conn, key[0], key[1], prepared[key][0], None)
+                self._update_in(conn, key[0], key[1], prepared[key][0], None, index=prepared[key][2])
             self.store.insert_many(conn, [(t, i, content, index) for (t, i), (_, content, index)
                                           in prepared.items() if (t, i) not in existing], stamp)
             return len(prepared)
