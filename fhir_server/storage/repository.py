@@ -6,7 +6,8 @@ rules beyond "a version is a row".
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,10 @@ class Store:
         self.engine = engine
         self.is_postgres = engine.dialect.name == "postgresql"
         self._written = 0
+        # SQLite has one writer at a time; threads of this process queue here, where they are woken
+        # as soon as the lock is free, instead of in SQLite's busy handler, which polls with sleeps
+        # of up to 100 ms (measured: p99 create latency 1.5 s at 16 concurrent clients).
+        self._sqlite_writer = threading.Lock() if not self.is_postgres else None
 
     @contextmanager
     def reading(self) -> Iterator[sa.Connection]:
@@ -80,9 +85,10 @@ class Store:
     @contextmanager
     def writing(self) -> Iterator[sa.Connection]:
         """A write transaction, committed (durably) when the block ends without error."""
-        with self.engine.connect().execution_options(**{WRITE: True}) as conn:
-            with conn.begin():
-                yield conn
+        with self._sqlite_writer or nullcontext():
+            with self.engine.connect().execution_options(**{WRITE: True}) as conn:
+                with conn.begin():
+                    yield conn
 
     # -- reads ----------------------------------------------------------------------------------
 
