@@ -14,18 +14,33 @@ SOFTWARE_VERSION = "0.1.0"
 
 
 class RouteInfo(Protocol):
-    interaction: str
+    interaction: str  # `$name` for an operation
     level: str
     shape: str
+    types: frozenset[str] | None
+
+
+# The canonical definitions of the operations carebroker implements: (name, resource type or None
+# for the system level) -> URL; a name without a type-specific entry uses its (name, None) one.
+OPERATION_DEFINITIONS = {
+    ("everything", None): "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+    ("validate", None): "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    ("export", None): "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+    ("export", "Patient"): "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+    ("export", "Group"): "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
+}
 
 
 def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base_url: str,
                          searchable_kinds: frozenset[str]) -> dict[str, Any]:
     """`searchable_kinds`: the search-parameter types the engine implements (composite is not one)."""
     routes = list(routes)
+    operations = [r for r in routes if r.interaction.startswith("$")]
+    routes = [r for r in routes if not r.interaction.startswith("$")]
     type_interactions = sorted({r.interaction for r in routes if r.level in ("type", "instance", "compartment")},
                                key=_INTERACTION_ORDER.index)
-    system_interactions = [r.interaction for r in routes if r.level == "system" and r.interaction != "capabilities"]
+    system_interactions = list(dict.fromkeys(r.interaction for r in routes
+                                             if r.level == "system" and r.interaction != "capabilities"))
     conditional = {(r.interaction, r.level) for r in routes if r.level == "type"}
     resource_entry = {
         "interaction": [{"code": code} for code in type_interactions],
@@ -52,10 +67,22 @@ def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base
             "mode": "server",
             "documentation": (f"{len(types)} of the {len(r4_resource_types())} R4 resource types are supported "
                               "(R4 types without a fhir.resources R4B model are not)."),
-            "resource": [{"type": t, **resource_entry, **_search_entry(t, searchable_kinds)} for t in types],
+            "resource": [{"type": t, **resource_entry, **_search_entry(t, searchable_kinds),
+                          **_operations([r for r in operations if r.level != "system" and
+                                         (r.types is None or t in r.types)], t)} for t in types],
             "interaction": [{"code": code} for code in system_interactions],
+            **_operations([r for r in operations if r.level == "system"], None),
         }],
     }
+
+
+def _operations(routes: list[RouteInfo], rtype: str | None) -> dict[str, Any]:
+    """`operation` entries, one per operation name (a name may be routed by several methods/levels)."""
+    names = list(dict.fromkeys(r.interaction[1:] for r in routes))
+    if not names:
+        return {}
+    return {"operation": [{"name": n, "definition": OPERATION_DEFINITIONS.get((n, rtype))
+                           or OPERATION_DEFINITIONS[(n, None)]} for n in names]}
 
 
 def _search_entry(rtype: str, kinds: frozenset[str]) -> dict[str, Any]:

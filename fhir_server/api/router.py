@@ -73,9 +73,10 @@ class Route:
 
     method: str
     shape: str
-    interaction: str
+    interaction: str  # a REST interaction code, or `$name` for an operation
     level: str
     handler: Handler
+    types: frozenset[str] | None = None  # the resource types it applies to; None: all
 
 
 class FhirRouter:
@@ -111,6 +112,8 @@ class FhirRouter:
             raise error(404, "not-found", f"No FHIR interaction at '{req.path}'")
         for route in candidates:
             if route.method == req.method:
+                if route.types is not None and parts[0] not in route.types:
+                    raise error(404, "not-supported", f"{route.interaction} is not defined for {parts[0]}")
                 return route.handler(self, req, parts)
         allowed = ", ".join(sorted({r.method for r in candidates}))
         raise FhirError(405, [Issue("not-supported", f"{req.method} is not allowed here (allowed: {allowed})")],
@@ -295,14 +298,17 @@ def _with_form(req: FhirRequest) -> FhirRequest:
 
 
 def _shape(parts: list[str]) -> str:
-    """Path shape for routing: `Patient/1/_history` -> `{type}/{id}/_history`."""
+    """Path shape for routing: `Patient/1/_history` -> `{type}/{id}/_history`; operation names
+    (`$everything`) and `_`-words stay literal."""
     if not parts:
         return ""
-    if parts[0] in ("metadata", "_history", "_search"):
+    if parts[0] in ("metadata", "_history", "_search") or parts[0].startswith("$"):
         return "/".join(parts)
     out = ["{type}"]
     for i, p in enumerate(parts[1:], start=1):
-        if i == 1:
+        if p.startswith("$") and i == len(parts) - 1 and i <= 2:
+            out.append(p)
+        elif i == 1:
             out.append(p if p in ("_history", "_search") else "{id}")
         elif i == 2:
             out.append(p if p == "_history" else "{ctype}" if p[:1].isupper() else "{?}")

@@ -325,12 +325,21 @@ class FhirService:
             raise error(400, "invalid", f"resourceType in the body ({found!r}) must be '{rtype}'",
                         expression="resourceType")
 
-    def _in_write(self, work: Callable[[sa.Connection], T], weight: int = 1) -> T:
+    def atomically(self, work: Callable[[], T], weight: int = 1) -> T:
+        """Run `work` (any number of interactions) as one database transaction, retried as a whole
+        when a concurrent writer got there first: the transaction Bundle's all-or-nothing."""
+        return self._in_write(lambda _conn: work(), weight, atomic=True)
+
+    def _in_write(self, work: Callable[[sa.Connection], T], weight: int = 1, atomic: bool = False) -> T:
         """Run `work` in a write transaction, retrying when a concurrent writer got there first.
+        Inside `atomically` it joins the enclosing transaction, and the retry is the enclosing one's.
         `weight`: how many resources it writes (for the statistics refresh)."""
+        if self.store.in_atomic:
+            with self.store.writing() as conn:
+                return work(conn)
         for attempt in range(5):
             try:
-                with self.store.writing() as conn:
+                with self.store.atomic() if atomic else self.store.writing() as conn:
                     result = work(conn)
                 self.store.note_written(weight)
                 return result
