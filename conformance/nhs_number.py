@@ -32,12 +32,25 @@ def nhs_check_digit(first_nine: str) -> int | None:
     return check
 
 
-def is_valid_nhs_number(value: str) -> bool:
-    """True for exactly 10 ASCII digits whose last digit is the Modulus 11 check digit.
+def nhs_number_problem(value: str) -> str | None:
+    """What is wrong with `value` as an NHS number, in words for an OperationOutcome; None if valid.
 
     Spaces and dashes ("943 476 5919") are rejected: callers normalise display forms first, so a
-    stored identifier always has one canonical spelling.
+    stored identifier always has one canonical spelling. The value itself is never echoed: it is a
+    personal identifier, and error messages end up in logs.
     """
-    if not _ascii_digits(value, 10):
-        return False
-    return nhs_check_digit(value[:9]) == int(value[9])
+    if not (value.isascii() and value.isdigit()):
+        return "an NHS number is 10 digits 0-9 with no spaces or other characters"
+    if len(value) != 10:
+        return f"an NHS number is exactly 10 digits, not {len(value)}"
+    check = nhs_check_digit(value[:9])
+    if check is None:
+        return "no NHS number starts with these nine digits (their Modulus 11 check digit would be 10)"
+    if check != int(value[9]):
+        return "the check digit (the 10th digit) does not match the first nine (Modulus 11): a mistyped NHS number?"
+    return None
+
+
+def is_valid_nhs_number(value: str) -> bool:
+    """True for exactly 10 ASCII digits whose last digit is the Modulus 11 check digit."""
+    return isinstance(value, str) and nhs_number_problem(value) is None

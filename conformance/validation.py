@@ -1,13 +1,15 @@
 """Validation of incoming resources against FHIR R4.
 
-Two layers:
+Three layers:
 1. Structure, by the fhir.resources R4B models (unknown elements, wrong types, bad dates, cardinality).
    See r4b_vs_r4.md for where R4B and R4 differ for the types carebroker serves.
 2. Required value-set bindings from the official R4 package (`data/required-code-bindings.json`),
    which the models do not enforce (they accept `gender: "bogus"`).
+3. Profile rules (profiles.py), such as the NHS number check digit.
 
-Structural failures are 400 (the content is not FHIR); binding failures are 422 (FHIR, but breaks the
-rules). Every issue names the element as a FHIRPath expression, e.g. `Patient.contact[0].gender`.
+Structural failures are 400 (the content is not FHIR); binding and profile-rule failures are 422
+(FHIR, but breaks the rules); every issue found is reported, not only the first. Every issue names
+the element as a FHIRPath expression, e.g. `Patient.contact[0].gender`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir_core.fhirabstractmodel import FHIRAbstractModel
 from pydantic import ValidationError
 
+from conformance.profiles import profile_issues
 from fhir_server.outcome import FhirError, Issue
 
 DATA = pkg_resources.files("conformance") / "data"
@@ -65,24 +68,32 @@ def required_bindings() -> dict[str, frozenset[str]]:
     return {path: frozenset(b["codes"]) for path, b in data["bindings"].items()}
 
 
-def validate_resource(resource: dict[str, Any]) -> FHIRAbstractModel:
-    """Check `resource` (parsed JSON with a known resourceType); raise FhirError listing every problem."""
+def validate_resource(resource: dict[str, Any], structure: bool = True) -> None:
+    """Check `resource` (parsed JSON with a known resourceType); raise FhirError listing every problem.
+    `structure=False` applies only the profile rules, which are cheap (the bulk loader's fast path)."""
+    status, issues = resource_issues(resource) if structure else (422, profile_issues(resource))
+    if issues:
+        raise FhirError(status, issues)
+
+
+def resource_issues(resource: dict[str, Any]) -> tuple[int, list[Issue]]:
+    """Every problem with `resource`, and the status a write would answer: 400 if it is not valid
+    FHIR, 422 if it is but breaks a binding or profile rule (no issues: valid). The R4 structure
+    must hold before bindings can be checked; profile rules are checked either way."""
     resource_type = resource["resourceType"]
     cls = model_class(resource_type)
     if cls is None:
-        raise FhirError(404, [Issue("not-supported", f"Resource type '{resource_type}' is not supported")])
-    issues: list[Issue] = []
-    for_model = _r4_only_parts(resource, resource_type, issues)
-    if issues:
-        raise FhirError(400, issues)
-    try:
-        model = cls.model_validate(for_model)
-    except ValidationError as exc:
-        raise FhirError(400, [_structure_issue(resource_type, err) for err in exc.errors()]) from None
-    issues = list(_binding_issues(model, resource_type))
-    if issues:
-        raise FhirError(422, issues)
-    return model
+        return 404, [Issue("not-supported", f"Resource type '{resource_type}' is not supported")]
+    structure: list[Issue] = []
+    for_model = _r4_only_parts(resource, resource_type, structure)
+    rules: list[Issue] = []
+    if not structure:
+        try:
+            rules.extend(_binding_issues(cls.model_validate(for_model), resource_type))
+        except ValidationError as exc:
+            structure.extend(_structure_issue(resource_type, err) for err in exc.errors())
+    rules.extend(profile_issues(resource))
+    return (400 if structure else 422), structure + rules
 
 
 def _r4_only_parts(node: Any, path: str, issues: list[Issue], nested: bool = False) -> Any:

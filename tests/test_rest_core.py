@@ -1,12 +1,15 @@
 """The RESTful interactions end to end, through the ASGI app and a real uvicorn, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import random
 import uuid
 from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
+from conformance.nhs_number import nhs_check_digit
 
 FHIR_CT = "application/fhir+json; fhirVersion=4.0"
 PATCH_CT = {"Content-Type": "application/json-patch+json"}
@@ -18,7 +21,14 @@ def patient(**extra: Any) -> dict[str, Any]:
 
 
 def ident(value: str | None = None) -> dict[str, str]:
-    return {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": value or uuid.uuid4().hex[:10]}
+    return {"system": "https://fhir.nhs.uk/Id/nhs-number", "value": value or nhs_number()}
+
+
+def nhs_number() -> str:
+    """A random valid NHS number: the server refuses invalid ones, and conditional tests need fresh ones."""
+    first_nine = f"{random.randrange(10 ** 9):09d}"
+    check = nhs_check_digit(first_nine)
+    return f"{first_nine}{check}" if check is not None else nhs_number()
 
 
 def issues(resp) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]

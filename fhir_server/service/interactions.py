@@ -301,8 +301,7 @@ class FhirService:
             rtype = res.get("resourceType", "") if isinstance(res, dict) else ""
             self._check_body(rtype, res)
             rid = check_id(str(res.get("id", "")))
-            if validate:
-                validate_resource(res)
+            validate_resource(res, structure=validate)
             stored = _stored_form(res, rtype, rid, 1, stamp)
             prepared[(rtype, rid)] = (res, jsonfmt.dumps(stored).decode(), index_resource(stored))
 
