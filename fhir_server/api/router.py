@@ -194,6 +194,31 @@ class FhirRouter:
     def history_system(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._history(req, None, None)
 
+    def validate(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        """[type]/$validate and [type]/[id]/$validate: 200 with every issue found whenever validation
+        ran, valid or not; a 4xx only when it could not run (R4 Resource-validate)."""
+        rid = parts[1] if len(parts) == 3 else None
+        resource: Any = None
+        if req.method == "POST" and req.body:
+            body = self._body(req)
+            if isinstance(body, dict) and body.get("resourceType") == "Parameters" and parts[0] != "Parameters":
+                primitives, resources = _parameters(body)
+                req = replace(req, params=[*req.params, *primitives])
+                resource = resources.get("resource")
+            else:
+                resource = body
+        mode, profile = req.param("mode"), req.param("profile")
+        if mode != "delete":
+            if resource is None and req.method == "GET" and rid is not None:
+                stored = self.service.read(parts[0], rid)
+                assert stored.content is not None  # a deletion is a 410 from read()
+                resource = jsonfmt.loads(stored.content)
+            elif resource is None:
+                raise error(400, "required", "$validate needs a resource (the body, or a Parameters 'resource')")
+        issues = self.service.validate(parts[0], rid, resource, mode, profile)
+        return outcome_response(200, issues or [Issue("informational", "Validation found no issues",
+                                                      severity="information")])
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _system_types(self, req: FhirRequest) -> tuple[str, ...]:
@@ -286,6 +311,26 @@ class FhirRouter:
     def _resource_response(status: int, req: FhirRequest, version: Version, location: bool) -> FhirResponse:
         assert version.content is not None
         return FhirResponse(status, version.content.encode(), _version_headers(req, version, location))
+
+
+def _parameters(body: Any) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """An operation's Parameters body: (primitive values as URL parameters would give them, resources by name)."""
+    if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+        raise error(400, "invalid", "An operation's body must be a Parameters resource", expression="resourceType")
+    primitives: list[tuple[str, str]] = []
+    resources: dict[str, Any] = {}
+    for i, param in enumerate(body.get("parameter") or []):
+        name = param.get("name") if isinstance(param, dict) else None
+        values = [v for k, v in param.items() if k.startswith("value")] if isinstance(name, str) else []
+        if isinstance(name, str) and "resource" in param:
+            resources[name] = param["resource"]
+        elif len(values) == 1 and isinstance(values[0], (str, int, float, bool)):
+            value = values[0]
+            primitives.append((name, str(value).lower() if isinstance(value, bool) else str(value)))
+        else:
+            raise error(400, "invalid", f"Parameters.parameter[{i}] is not a named primitive value or resource",
+                        expression=f"Parameters.parameter[{i}]")
+    return primitives, resources
 
 
 def _with_form(req: FhirRequest) -> FhirRequest:
@@ -475,4 +520,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "{type}/{id}", "delete", "instance", FhirRouter.delete),
     Route("GET", "{type}/{id}/_history", "history-instance", "instance", FhirRouter.history_instance),
     Route("GET", "{type}/{id}/_history/{vid}", "vread", "instance", FhirRouter.vread),
+    Route("POST", "{type}/$validate", "$validate", "type", FhirRouter.validate),
+    Route("POST", "{type}/{id}/$validate", "$validate", "instance", FhirRouter.validate),
+    Route("GET", "{type}/{id}/$validate", "$validate", "instance", FhirRouter.validate),
 )

@@ -16,7 +16,8 @@ import jsonpatch
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from conformance.validation import validate_resource
+from conformance.profiles import known_profiles
+from conformance.validation import resource_issues, validate_resource
 from fhir_server import jsonfmt
 from fhir_server.outcome import FhirError, Issue, error
 from fhir_server.search.engine import Page, compartment_condition, conditional_matches, parse_search, run_search
@@ -112,6 +113,37 @@ class FhirService:
             included = self.store.current_by_pks(conn, page.included)
         return page, matches, included, search.ignored
 
+    def validate(self, rtype: str, rid: str | None, body: Any, mode: str | None,
+                 profile: str | None = None) -> list[Issue]:
+        """`$validate`: the issues the write `mode` (create, update or delete of `rid`; None: none in
+        particular) would meet with `body`, found as that write finds them, without writing. Raises
+        only when validation cannot run: a body that is not a `rtype`, an unknown mode or profile."""
+        if mode not in (None, "create", "update", "delete"):
+            raise error(400, "invalid", f"Parameter 'mode': '{mode}' is not create, update or delete")
+        if mode in ("update", "delete") and rid is None:
+            raise error(400, "invalid", f"mode '{mode}' validates a change to one resource: use [type]/[id]/$validate")
+        if profile is not None and profile not in known_profiles(rtype):
+            raise error(400, "not-supported", f"Profile '{profile}' is not known here for {rtype}")
+        issues: list[Issue] = []
+        if mode != "delete":
+            self._check_body(rtype, body)
+            issues.extend(resource_issues(body)[1])
+        if rid is None or mode is None or mode == "create":
+            return issues
+        issues.extend(_raised(check_id, rid))
+        with self.store.single_read() as conn:
+            head = self.store.head(conn, rtype, rid)
+        if mode == "update":
+            issues.extend(_raised(self._check_body_id, rtype, rid, body))
+            if head is None or head.deleted:
+                issues.append(Issue("informational", f"{rtype}/{rid} does not exist: the update would create it",
+                                    severity="information"))
+        elif head is None:
+            issues.append(Issue("not-found", f"{rtype}/{rid} is not known: there is nothing to delete"))
+        elif head.deleted:
+            issues.append(Issue("informational", f"{rtype}/{rid} was already deleted", severity="information"))
+        return issues
+
     # -- maintenance ----------------------------------------------------------------------------
 
     def reindex_if_needed(self, batch: int = 500) -> int:
@@ -157,9 +189,7 @@ class FhirService:
     def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None = None) -> Result:
         check_id(rid)
         self._check_body(rtype, body)
-        if body.get("id") != rid:
-            raise error(400, "invalid", f"The resource id in the body ({body.get('id')!r}) must equal the id "
-                        f"in the URL ('{rid}')", expression=f"{rtype}.id")
+        self._check_body_id(rtype, rid, body)
         validate_resource(body)
         expected = parse_etag(if_match) if if_match else None
         index = index_resource(body)
@@ -324,6 +354,12 @@ class FhirService:
             raise error(400, "invalid", f"resourceType in the body ({found!r}) must be '{rtype}'",
                         expression="resourceType")
 
+    @staticmethod
+    def _check_body_id(rtype: str, rid: str, body: dict[str, Any]) -> None:
+        if body.get("id") != rid:
+            raise error(400, "invalid", f"The resource id in the body ({body.get('id')!r}) must equal the id "
+                        f"in the URL ('{rid}')", expression=f"{rtype}.id")
+
     def atomically(self, work: Callable[[], T], weight: int = 1) -> T:
         """Run `work` (any number of interactions) as one database transaction, retried as a whole
         when a concurrent writer got there first: the transaction Bundle's all-or-nothing."""
@@ -349,6 +385,15 @@ class FhirService:
                 if not _is_transient(exc) or attempt == 4:
                     raise
         raise AssertionError("unreachable")
+
+
+def _raised(check: Callable[..., Any], *args: Any) -> list[Issue]:
+    """The issues `check` raises (none if it passes): $validate reports them rather than failing."""
+    try:
+        check(*args)
+    except FhirError as exc:
+        return exc.issues
+    return []
 
 
 def _stored_form(body: dict[str, Any], rtype: str, rid: str, version_id: int, stamp: int) -> dict[str, Any]:
