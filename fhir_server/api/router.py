@@ -94,7 +94,7 @@ class FhirRouter:
         if req.method != "GET":
             return False
         parts = req.path.strip("/").split("/")
-        return len(parts) == 2 and not parts[1].startswith("_") or len(parts) == 4 and parts[2] == "_history"
+        return len(parts) == 2 and not parts[1].startswith(("_", "$")) or len(parts) == 4 and parts[2] == "_history"
 
     def handle(self, req: FhirRequest) -> FhirResponse:
         try:
@@ -193,6 +193,26 @@ class FhirRouter:
 
     def history_system(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._history(req, None, None)
+
+    def everything(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        """Patient/[id]/$everything, and Patient/$everything for the patients of `_id` (a comma list)
+        or all of them. POSTed Parameters join the URL's, so page links repeat them as a GET."""
+        if req.method == "POST":
+            primitives, _ = _parameters(self._body(req)) if req.body else ([], {})
+            req = replace(req, params=[*req.params, *primitives], body=None)
+        known = {"_since", "_type", "_count", "_cursor", "_format", "_pretty", *(("_id",) if len(parts) == 2 else ())}
+        ignored = list(dict.fromkeys(k for k, _ in req.params if k not in known))
+        if ignored and req.prefer("handling") == "strict":
+            raise error(400, "not-supported", f"Unknown $everything parameter(s): {', '.join(ignored)}")
+        if len(parts) == 3:
+            patients: list[str] | None = [parts[1]]
+        else:
+            ids = [i.strip() for k, v in req.params if k == "_id" for i in v.split(",") if i.strip()]
+            patients = ids or None
+        since = parse_instant(s, "_since") if (s := req.param("_since")) else None
+        page, members, referenced = self.service.everything(patients, self._system_types(req), since,
+                                                            self._page_size(req), req.param("_cursor"))
+        return json_response(200, search_bundle(req, page, members, referenced, ignored, None, []))
 
     def validate(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         """[type]/$validate and [type]/[id]/$validate: 200 with every issue found whenever validation
@@ -520,6 +540,12 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "{type}/{id}", "delete", "instance", FhirRouter.delete),
     Route("GET", "{type}/{id}/_history", "history-instance", "instance", FhirRouter.history_instance),
     Route("GET", "{type}/{id}/_history/{vid}", "vread", "instance", FhirRouter.vread),
+    Route("GET", "{type}/$everything", "$everything", "type", FhirRouter.everything, types=frozenset({"Patient"})),
+    Route("POST", "{type}/$everything", "$everything", "type", FhirRouter.everything, types=frozenset({"Patient"})),
+    Route("GET", "{type}/{id}/$everything", "$everything", "instance", FhirRouter.everything,
+          types=frozenset({"Patient"})),
+    Route("POST", "{type}/{id}/$everything", "$everything", "instance", FhirRouter.everything,
+          types=frozenset({"Patient"})),
     Route("POST", "{type}/$validate", "$validate", "type", FhirRouter.validate),
     Route("POST", "{type}/{id}/$validate", "$validate", "instance", FhirRouter.validate),
     Route("GET", "{type}/{id}/$validate", "$validate", "instance", FhirRouter.validate),

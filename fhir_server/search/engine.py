@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from urllib.parse import parse_qsl
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,17 +201,49 @@ def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, stric
 
 def compartment_condition(rtype: str, compartment_id: str, r: sa.FromClause) -> sa.ColumnElement[bool]:
     """Membership of the Patient compartment, per the official CompartmentDefinition."""
-    codes = patient_compartment().get(rtype)
-    if not codes:
+    if rtype not in patient_compartment():
         raise error(404, "not-found", f"{rtype} is not in the Patient compartment")
-    conds = []
-    for code in codes:
-        param = for_type(rtype).get(code)
-        if param is not None and param.type == "reference":
-            conds.append(ReferenceUnit(param, rtype, "Patient", code).clause(r, compartment_id))
-    if rtype == "Patient":
-        conds.append(r.c.id == compartment_id)
-    return sa.or_(*conds)
+    member = r.c.pk.in_(compartment_references([compartment_id], (rtype,)))
+    return sa.or_(member, r.c.id == compartment_id) if rtype == "Patient" else member
+
+
+PatientIds = list[str] | sa.Select[Any]
+
+
+def compartment_references(patients: PatientIds, types: Iterable[str]) -> sa.Select[Any]:
+    """pks of the resources of `types` that refer to one of `patients` (ids, or a query of ids) by a
+    parameter that puts them in the Patient compartment. The Patient resources themselves are not
+    among them (a Patient is in its own compartment by id, not by reference)."""
+    sr = search_reference.alias()
+    pairs = [sa.and_(sr.c.type == t, sr.c.param.in_(patient_compartment()[t])) for t in types]
+    return sa.select(sr.c.resource_pk.label("pk")).where(
+        sr.c.target_type == "Patient", sr.c.target_id.in_(patients), sa.or_(*pairs))
+
+
+def everything_search(patients: list[str] | None, types: tuple[str, ...], since: int | None) -> Search:
+    """Patient `$everything` as a search of `types`, so it pages, counts and takes a policy condition
+    like any search: the patients (None: every live one), everything in their compartments, and the
+    resources those refer to whose type is not in the Patient compartment (Practitioner,
+    Organization, Location, Medication, ...), so another patient's record is never pulled in.
+    References are followed as indexed (search_reference): one level, by relative reference."""
+    if patients is None:
+        live = resource.alias()
+        ids: PatientIds = sa.select(live.c.id).where(live.c.type == "Patient", live.c.deleted.is_(False))
+    else:
+        ids = patients
+    pat, ref, target = resource.alias(), search_reference.alias(), resource.alias()
+    compartment = sa.union_all(
+        sa.select(pat.c.pk).where(pat.c.type == "Patient", pat.c.id.in_(ids)),
+        compartment_references(ids, patient_compartment()),
+    ).cte("compartment")
+    referenced = (sa.select(target.c.pk).select_from(ref.join(target, sa.and_(
+        target.c.type == ref.c.target_type, target.c.id == ref.c.target_id)))
+        .where(ref.c.resource_pk.in_(sa.select(compartment.c.pk)),
+               ref.c.target_type.not_in(list(patient_compartment()))))
+    conditions = [resource.c.pk.in_(sa.union_all(sa.select(compartment.c.pk), referenced))]
+    if since is not None:
+        conditions.append(resource.c.last_updated >= since)
+    return Search(types, conditions=conditions)
 
 
 def parse_sort(types: tuple[str, ...], raw: str) -> list[tuple[str, bool]]:

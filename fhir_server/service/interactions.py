@@ -17,10 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from conformance.profiles import known_profiles
+from conformance.search_parameters import patient_compartment
 from conformance.validation import resource_issues, validate_resource
 from fhir_server import jsonfmt
 from fhir_server.outcome import FhirError, Issue, error
-from fhir_server.search.engine import Page, compartment_condition, conditional_matches, parse_search, run_search
+from fhir_server.search.engine import (Page, compartment_condition, conditional_matches, everything_search,
+                                       parse_search, run_search)
 from fhir_server.search.index import INDEX_VERSION, IndexRows, index_resource
 from fhir_server.service.timefmt import now_us, to_instant
 from fhir_server.storage.repository import Head, StaleHead, Store, Version
@@ -70,13 +72,7 @@ class FhirService:
 
     def read(self, rtype: str, rid: str) -> Version:
         with self.store.single_read() as conn:
-            found = self.store.current(conn, rtype, rid)
-        if found is None:
-            raise error(404, "not-found", f"{rtype}/{rid} is not known")
-        if found.deleted:
-            raise FhirError(410, [Issue("deleted", f"{rtype}/{rid} was deleted (version {found.version_id})")],
-                            headers={"ETag": f'W/"{found.version_id}"'})
-        return found
+            return _live(self.store.current(conn, rtype, rid), rtype, rid)
 
     def vread(self, rtype: str, rid: str, vid: str) -> Version:
         if not vid.isdigit():
@@ -112,6 +108,20 @@ class FhirService:
             matches = self.store.current_by_pks(conn, page.pks)
             included = self.store.current_by_pks(conn, page.included)
         return page, matches, included, search.ignored
+
+    def everything(self, patients: list[str] | None, types: tuple[str, ...], since: int | None, count: int,
+                   cursor: str | None) -> tuple[Page, list[Version], list[Version]]:
+        """Patient `$everything`, one page in one snapshot: (page, the patients and their compartments'
+        resources, the resources those refer to). `patients` None: every patient; a named one that is
+        unknown is a 404, a deleted one a 410, as for a read."""
+        with self.store.reading() as conn:
+            for pid in patients or ():
+                _live(self.store.head(conn, "Patient", pid), "Patient", pid)
+            page = run_search(conn, everything_search(patients, types, since), [], count, cursor, want_total=True)
+            found = self.store.current_by_pks(conn, page.pks)
+        compartment_types = patient_compartment()
+        return (page, [v for v in found if v.type in compartment_types],
+                [v for v in found if v.type not in compartment_types])
 
     def validate(self, rtype: str, rid: str | None, body: Any, mode: str | None,
                  profile: str | None = None) -> list[Issue]:
@@ -385,6 +395,19 @@ class FhirService:
                 if not _is_transient(exc) or attempt == 4:
                     raise
         raise AssertionError("unreachable")
+
+
+Found = TypeVar("Found", Head, Version)
+
+
+def _live(found: Found | None, rtype: str, rid: str) -> Found:
+    """`found` if the resource exists and is not deleted; otherwise the 404 or 410 a read answers."""
+    if found is None:
+        raise error(404, "not-found", f"{rtype}/{rid} is not known")
+    if found.deleted:
+        raise FhirError(410, [Issue("deleted", f"{rtype}/{rid} was deleted (version {found.version_id})")],
+                        headers={"ETag": f'W/"{found.version_id}"'})
+    return found
 
 
 def _raised(check: Callable[..., Any], *args: Any) -> list[Issue]:
