@@ -24,6 +24,8 @@ class Settings:
     public_base_url: str | None = None
     default_page_size: int = 50
     max_page_size: int = 1000
+    # NDJSON per stored chunk of a bulk export file: what a resumed export redoes at most.
+    export_chunk_bytes: int = 1 << 20
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -33,6 +35,8 @@ class Settings:
             values["database_url"] = url
         if base := os.environ.get("CAREBROKER_BASE_URL"):
             values["public_base_url"] = base
+        if chunk := os.environ.get("CAREBROKER_EXPORT_CHUNK_BYTES"):
+            values["export_chunk_bytes"] = int(chunk)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["database_url"] = normalise_database_url(str(values.get("database_url", DEFAULT_DATABASE_URL)))
         return cls(**values)  # type: ignore[arg-type]

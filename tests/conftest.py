@@ -84,10 +84,17 @@ class Backends:
         return self._once(("http", kind), make)  # type: ignore[return-value]
 
     def start_server(self, url: str, *extra: str) -> str:
+        return self.spawn_server(url, *extra)[1]
+
+    def spawn_server(self, url: str, *extra: str,
+                     env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+        """A `carebroker serve` on `url` (stopped at the end of the session, if still running): its
+        process, for tests that stop it themselves, and its FHIR base URL."""
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "fhir_server.cli", "serve", "--port", str(port), "--database", url,
-             "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
         self._cleanup.append(lambda: (proc.terminate(), proc.wait(10)))
         base = f"http://127.0.0.1:{port}/fhir"
         deadline = time.monotonic() + 60
@@ -96,7 +103,7 @@ class Backends:
                 pytest.fail(f"server exited: {proc.stdout.read().decode() if proc.stdout else ''}")
             try:
                 if httpx.get(f"{base}/metadata", timeout=1).status_code == 200:
-                    return base
+                    return proc, base
             except httpx.TransportError:
                 time.sleep(0.1)
         pytest.fail("server did not start within 60 s")

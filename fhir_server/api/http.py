@@ -8,6 +8,7 @@ Responses are `application/fhir+json; fhirVersion=4.0`; `_pretty=true` indents t
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from starlette.types import Receive, Scope, Send
 from fhir_server.api.router import FhirRequest, FhirResponse, FhirRouter, outcome_response
 from fhir_server.config import Settings
 from fhir_server.outcome import Issue
+from fhir_server.service.export import ExportWorker
 from fhir_server.service.interactions import FhirService
 from fhir_server.storage.engine import create_engine
 from fhir_server.storage.repository import Store
@@ -41,11 +43,15 @@ WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
     """The ASGI application. Pass `engine` to share one (tests); otherwise one is made from settings."""
     engine = engine or create_engine(settings.database_url)
-    router = FhirRouter(FhirService(Store(engine)), settings.default_page_size, settings.max_page_size)
+    router = FhirRouter(FhirService(Store(engine)), settings.default_page_size, settings.max_page_size,
+                        settings.export_chunk_bytes)
+    export_worker = ExportWorker(router.exports)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        export_worker.start()
         yield
+        await run_in_threadpool(export_worker.stop)
         engine.dispose()
 
     app = FastAPI(title="carebroker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -85,7 +91,10 @@ class FhirEndpoint:
         except Exception:  # a client always gets an OperationOutcome, never a stack trace
             log.exception("unhandled error in %s %s", method, scope["path"])
             resp = outcome_response(500, [Issue("exception", "Internal server error; the event was logged")])
-        await _send(send, resp, pretty=any(k == "_pretty" and v == "true" for k, v in params))
+        if resp.stream is not None:
+            await _send_stream(receive, send, resp)
+        else:
+            await _send(send, resp, pretty=any(k == "_pretty" and v == "true" for k, v in params))
 
 
 def _base_url(scope: Scope, headers: Headers, root: str) -> str:
@@ -126,9 +135,32 @@ async def _send(send: Send, resp: FhirResponse, pretty: bool) -> None:
         body = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
     raw: list[tuple[bytes, bytes]] = [(k.lower().encode("latin-1"), v.encode("latin-1"))
                                       for k, v in resp.headers.items()]
-    if body is not None:
+    if body is not None and "Content-Type" not in resp.headers:
         raw.append((b"content-type", CONTENT_TYPE))
     raw.append((b"content-length", str(len(body or b"")).encode()))
     start: dict[str, Any] = {"type": "http.response.start", "status": resp.status, "headers": raw}
     await send(start)
     await send({"type": "http.response.body", "body": body or b""})
+
+
+async def _send_stream(receive: Receive, send: Send, resp: FhirResponse) -> None:
+    """A streamed body: each piece is made in the thread pool (it reads the database) and sent before
+    the next is made, so memory holds one piece. Stops when the client goes away; an error half-way
+    aborts the connection, so a client never takes a cut-short body for a whole one."""
+    assert resp.stream is not None
+    gone = asyncio.Event()
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await send({"type": "http.response.start", "status": resp.status,
+                    "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]})
+        while not gone.is_set() and (piece := await run_in_threadpool(next, resp.stream, None)) is not None:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        watcher.cancel()

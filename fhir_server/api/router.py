@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -21,6 +21,7 @@ from conformance.validation import model_class, supported_resource_types
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
 from fhir_server.search.params import UNITS
+from fhir_server.service.export import CHUNK_BYTES, NDJSON, BulkExport, export_manifest, export_progress
 from fhir_server.service.interactions import FhirService, HistoryPage, Result
 from fhir_server.service.timefmt import now_us, parse_http_date, parse_instant, to_http_date, to_instant
 from fhir_server.storage.repository import Version
@@ -61,6 +62,9 @@ class FhirResponse:
     status: int
     body: bytes | None = None  # compact FHIR JSON
     headers: dict[str, str] = field(default_factory=dict)
+    # A body too large to hold (a bulk export file): its pieces, produced one at a time in the
+    # thread pool as they are sent. Its Content-Type (and Content-Length, if known) go in `headers`.
+    stream: Iterator[bytes] | None = None
 
 
 Handler = Callable[["FhirRouter", FhirRequest, list[str]], FhirResponse]
@@ -82,11 +86,13 @@ class Route:
 class FhirRouter:
     """Dispatches FHIR requests to the service layer and shapes FHIR responses."""
 
-    def __init__(self, service: FhirService, default_page_size: int = 50, max_page_size: int = 1000) -> None:
+    def __init__(self, service: FhirService, default_page_size: int = 50, max_page_size: int = 1000,
+                 export_chunk_bytes: int = CHUNK_BYTES) -> None:
         self.service = service
         self.default_page_size = default_page_size
         self.max_page_size = max_page_size
         self.types = frozenset(supported_resource_types())
+        self.exports = BulkExport(service.store, self.types, export_chunk_bytes)
 
     @staticmethod
     def is_single_row_read(req: FhirRequest) -> bool:
@@ -136,6 +142,48 @@ class FhirRouter:
 
     def vread(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._resource_response(200, req, self.service.vread(parts[0], parts[1], parts[3]), location=False)
+
+    # Bulk Data export (IG v2): a kick-off answers with a status URL; the status URL, once the job
+    # is done, with a manifest of file URLs. The work is done by service/export.py's worker.
+
+    def export_system(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._export_kick_off(req, "system", None)
+
+    def export_patients(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._export_kick_off(req, "patient", None)
+
+    def export_group(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        return self._export_kick_off(req, "group", parts[1])
+
+    def _export_kick_off(self, req: FhirRequest, level: str, group_id: str | None) -> FhirResponse:
+        if req.prefer("respond-async") is None:
+            raise error(400, "not-supported", "$export runs asynchronously: send 'Prefer: respond-async'")
+        request = f"{req.base_url}/{req.path.strip('/')}" + (f"?{req.query}" if req.params else "")
+        job_id = self.exports.kick_off(level, group_id, req.params, request, req.prefer("handling") == "lenient")
+        status_url = f"{req.base_url}/$export-poll-status?{urlencode({'_jobId': job_id})}"
+        return outcome_response(202, [Issue("informational", f"Export started; its status is at {status_url}",
+                                            severity="information")], {"Content-Location": status_url})
+
+    def export_status(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        job, files = self.exports.status(_job_id(req))
+        if job.status == "failed":
+            return outcome_response(500, [Issue("exception", f"The export failed: {job.error}")])
+        if job.status != "completed":
+            return FhirResponse(202, None, {"X-Progress": export_progress(job), "Retry-After": "2"})
+        return json_response(200, export_manifest(job, files, req.base_url),
+                             {"Content-Type": "application/json", "Expires": to_http_date(job.expires)})
+
+    def export_cancel(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        self.exports.cancel(_job_id(req))
+        return outcome_response(202, [Issue("informational", "Export cancelled; its files are deleted",
+                                            severity="information")])
+
+    def export_file(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        number = req.param("_file") or ""
+        if not number.isdigit():
+            raise error(400, "invalid", f"Parameter '_file': '{number}' is not a file number")
+        size, chunks = self.exports.file(_job_id(req), int(number))
+        return FhirResponse(200, None, {"Content-Type": NDJSON, "Content-Length": str(size)}, stream=chunks)
 
     def create(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         if req.query and any(k not in ("_format", "_pretty") for k, _ in req.params):
@@ -362,6 +410,12 @@ def _with_form(req: FhirRequest) -> FhirRequest:
     return replace(req, params=[*req.params, *form], path=req.path.rsplit("/_search", 1)[0], body=None)
 
 
+def _job_id(req: FhirRequest) -> str:
+    if not (job_id := req.param("_jobId")):
+        raise error(400, "required", "Parameter '_jobId' is required")
+    return job_id
+
+
 def _shape(parts: list[str]) -> str:
     """Path shape for routing: `Patient/1/_history` -> `{type}/{id}/_history`; operation names
     (`$everything`) and `_`-words stay literal."""
@@ -523,6 +577,12 @@ def history_bundle(req: FhirRequest, page: HistoryPage) -> dict[str, Any]:
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", "metadata", "capabilities", "system", FhirRouter.metadata),
+    Route("GET", "$export", "$export", "system", FhirRouter.export_system),
+    Route("GET", "{type}/$export", "$export", "type", FhirRouter.export_patients, types=frozenset({"Patient"})),
+    Route("GET", "{type}/{id}/$export", "$export", "instance", FhirRouter.export_group, types=frozenset({"Group"})),
+    Route("GET", "$export-poll-status", "$export", "system", FhirRouter.export_status),
+    Route("DELETE", "$export-poll-status", "$export", "system", FhirRouter.export_cancel),
+    Route("GET", "$export-file", "$export", "system", FhirRouter.export_file),
     Route("GET", "", "search-system", "system", FhirRouter.search_system),
     Route("POST", "_search", "search-system", "system", FhirRouter.search_system_post),
     Route("GET", "{type}", "search-type", "type", FhirRouter.search_type),

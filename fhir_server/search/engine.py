@@ -431,3 +431,22 @@ def conditional_matches(conn: sa.Connection, rtype: str, query: str, limit: int 
     search = parse_search((rtype,), params, True, "")
     where = [resource.c.type == rtype, resource.c.deleted.is_(False), *search.conditions]
     return list(conn.execute(sa.select(resource.c.pk).where(*where).limit(limit)).scalars())
+
+
+def in_patient_compartments(rtype: str, patients: sa.Select[Any] | None,
+                            r: sa.FromClause = resource) -> sa.ColumnElement[bool]:
+    """Whether a resource (the row of `r`, of type `rtype`) is in the Patient compartment of one of
+    `patients` (a query of Patient ids; None: of any Patient), per the official CompartmentDefinition.
+    Correlated with the row, so the indexes are probed per resource: a caller reading `r` in keyset
+    batches (bulk export) pays for the rows it reads, never for the whole set of patients at each
+    batch, as it would for the set of `compartment_references` (made for one page of a search)."""
+    codes = patient_compartment().get(rtype)
+    if not codes:
+        raise error(404, "not-found", f"{rtype} is not in the Patient compartment")
+    sr = search_reference.alias()
+    refers = [sr.c.resource_pk == r.c.pk, sr.c.param.in_(codes), sr.c.target_type == "Patient"]
+    if patients is None:
+        return sa.true() if rtype == "Patient" else sa.exists().where(*refers)
+    ids = patients.subquery()
+    member = sa.exists().where(*refers, sr.c.target_id == ids.c[0])
+    return sa.or_(member, sa.exists().where(ids.c[0] == r.c.id)) if rtype == "Patient" else member

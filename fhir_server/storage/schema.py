@@ -58,6 +58,7 @@ resource = sa.Table(
     sa.Column("deleted", sa.Boolean, nullable=False),
     sa.UniqueConstraint("type", "id", name="uq_resource_type_id"),
     sa.Index("ix_resource_type_last_updated", "type", "last_updated"),
+    sa.Index("ix_resource_type_pk", "type", "pk"),  # keyset batches of one type in pk order (bulk export)
 )
 
 resource_version = sa.Table(
@@ -141,4 +142,48 @@ server_state = sa.Table(
     "server_state", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+)
+
+# Bulk Data export jobs (service/export.py): durable, so any server node can run, report or serve
+# any job, and a job survives a restart. `type_index`/`after_pk` is the checkpoint: the next
+# resource to export; `file_no`/`part` name the next chunk to write.
+export_job = sa.Table(
+    "export_job", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # queued | running | completed | failed
+    sa.Column("level", sa.String(16), nullable=False),  # system | patient | group
+    sa.Column("group_id", sa.String(64), nullable=True),
+    sa.Column("types", sa.Text, nullable=False),  # comma-separated, in export order
+    sa.Column("since", sa.BigInteger, nullable=True),
+    sa.Column("request", sa.Text, nullable=False),  # the kick-off URL, for the manifest
+    sa.Column("transaction_time", sa.BigInteger, nullable=False),
+    sa.Column("created", sa.BigInteger, nullable=False),
+    sa.Column("expires", sa.BigInteger, nullable=False),  # removed with its files after this
+    sa.Column("owner", sa.String(64), nullable=True),  # the worker holding the lease
+    sa.Column("lease_until", sa.BigInteger, nullable=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("type_index", sa.Integer, nullable=False),
+    sa.Column("after_pk", sa.BigInteger, nullable=False),
+    sa.Column("file_no", sa.Integer, nullable=False),
+    sa.Column("part", sa.Integer, nullable=False),
+    sa.Column("exported", sa.BigInteger, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+)
+
+# The NDJSON output: each file is a run of chunks (~1 MB each), written and served one at a time.
+export_chunk = sa.Table(
+    "export_chunk", metadata,
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("export_job.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("file_no", sa.Integer, primary_key=True),
+    sa.Column("part", sa.Integer, primary_key=True),
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+# A Group export's patients, taken from the Group's members at kick-off.
+export_patient = sa.Table(
+    "export_patient", metadata,
+    sa.Column("job_id", sa.String(36), sa.ForeignKey("export_job.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("patient_id", sa.String(64), primary_key=True),
 )
