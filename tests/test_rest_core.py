@@ -357,7 +357,7 @@ def test_capability_statement(api) -> None:  # type: ignore[no-untyped-def]
                      "search-type"}
     assert types["Patient"]["versioning"] == "versioned-update"
     assert types["Patient"]["conditionalDelete"] == "single"
-    assert {i["code"] for i in rest["interaction"]} == {"history-system", "search-system"}
+    assert {i["code"] for i in rest["interaction"]} == {"history-system", "search-system", "transaction", "batch"}
     params = {p["name"]: p["type"] for p in types["Patient"]["searchParam"]}
     assert params["birthdate"] == "date" and params["general-practitioner"] == "reference"
     assert params["_id"] == "token" and "Patient:general-practitioner" in types["Patient"]["searchInclude"]

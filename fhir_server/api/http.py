@@ -78,7 +78,7 @@ class FhirEndpoint:
             await _send(send, refused, pretty=False)
             return
         method = scope["method"]
-        root = scope.get("root_path", "")
+        root = scope.get("root_path") or FHIR_BASE  # empty when the base itself is requested
         path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
         body = await _read_body(receive) if method in WITH_BODY else None
         req = FhirRequest(method=method, path=path, params=params, headers=headers, body=body,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -18,6 +18,8 @@ import orjson
 from fhir_server import jsonfmt
 from conformance.capability import capability_statement
 from conformance.validation import model_class, supported_resource_types
+from fhir_server.api.bundle import process_bundle
+from fhir_server.api.messages import FHIR_JSON, JSON_PATCH, FhirRequest, FhirResponse, json_response, outcome_response
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
 from fhir_server.search.params import UNITS
@@ -25,47 +27,6 @@ from fhir_server.service.export import CHUNK_BYTES, NDJSON, BulkExport, export_m
 from fhir_server.service.interactions import FhirService, HistoryPage, Result
 from fhir_server.service.timefmt import now_us, parse_http_date, parse_instant, to_http_date, to_instant
 from fhir_server.storage.repository import Version
-
-FHIR_JSON = "application/fhir+json"
-JSON_PATCH = "application/json-patch+json"
-
-
-@dataclass
-class FhirRequest:
-    """A FHIR interaction request. `path` is relative to the FHIR base (`Patient/1/_history/2`)."""
-
-    method: str
-    path: str
-    params: list[tuple[str, str]] = field(default_factory=list)
-    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
-    body: bytes | None = None
-    base_url: str = "http://localhost/fhir"
-
-    def param(self, name: str) -> str | None:
-        return next((v for k, v in self.params if k == name), None)
-
-    @property
-    def query(self) -> str:
-        return urlencode(self.params)
-
-    def prefer(self, key: str) -> str | None:
-        """One token of the Prefer header, e.g. prefer('return') -> 'minimal'."""
-        for part in self.headers.get("prefer", "").split(","):
-            name, _, value = part.strip().partition("=")
-            if name.strip() == key:
-                return value.strip().strip('"')
-        return None
-
-
-@dataclass
-class FhirResponse:
-    status: int
-    body: bytes | None = None  # compact FHIR JSON
-    headers: dict[str, str] = field(default_factory=dict)
-    # A body too large to hold (a bulk export file): its pieces, produced one at a time in the
-    # thread pool as they are sent. Its Content-Type (and Content-Length, if known) go in `headers`.
-    stream: Iterator[bytes] | None = None
-
 
 Handler = Callable[["FhirRouter", FhirRequest, list[str]], FhirResponse]
 
@@ -188,7 +149,7 @@ class FhirRouter:
     def create(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         if req.query and any(k not in ("_format", "_pretty") for k, _ in req.params):
             raise error(400, "not-supported", "POST to a type takes no search parameters (use If-None-Exist)")
-        result = self.service.create(parts[0], self._body(req), req.headers.get("if-none-exist"))
+        result = self.service.create(parts[0], self._body(req), req.headers.get("if-none-exist"), req.assigned_id)
         return self._write_response(req, result)
 
     def update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
@@ -197,7 +158,7 @@ class FhirRouter:
 
     def conditional_update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._write_response(req, self.service.conditional_update(
-            parts[0], self._criteria(req), self._body(req), req.headers.get("if-match")))
+            parts[0], self._criteria(req), self._body(req), req.headers.get("if-match"), req.assigned_id))
 
     def patch(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._write_response(req, self.service.patch(parts[0], parts[1], self._patch_body(req),
@@ -232,6 +193,10 @@ class FhirRouter:
         if parts[2] not in self.types:
             raise error(404, "not-supported", f"Resource type '{parts[2]}' is not supported by this server")
         return self._search(req, (parts[2],), compartment=parts[1])
+
+    def bundle(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        """POST [base]: a batch or transaction Bundle, whose entries come back through this router."""
+        return json_response(200, process_bundle(self._dispatch, self.service, req, self._body(req)))
 
     def history_instance(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._history(req, parts[0], parts[1])
@@ -339,6 +304,8 @@ class FhirRouter:
 
     @staticmethod
     def _body(req: FhirRequest) -> Any:
+        if req.resource is not None:
+            return req.resource
         ctype = req.headers.get("content-type", FHIR_JSON).split(";")[0].strip().lower()
         if ctype not in (FHIR_JSON, "application/json"):
             raise error(415, "not-supported", f"Content-Type '{ctype}' is not supported; send {FHIR_JSON}")
@@ -467,14 +434,6 @@ def _cursor(raw: str | None, name: str) -> int | None:
     return int(raw)
 
 
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> FhirResponse:
-    return FhirResponse(status, orjson.dumps(body), headers or {})
-
-
-def outcome_response(status: int, issues: list[Issue], headers: dict[str, str] | None = None) -> FhirResponse:
-    return json_response(status, operation_outcome(issues), headers)
-
-
 SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
 ALWAYS_KEPT = frozenset({"resourceType", "id", "meta"})
 
@@ -589,6 +548,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "{type}/_search", "search-type", "type", FhirRouter.search_type_post),
     Route("GET", "{type}/{id}/{ctype}", "search-type", "compartment", FhirRouter.search_compartment),
     Route("GET", "_history", "history-system", "system", FhirRouter.history_system),
+    Route("POST", "", "transaction", "system", FhirRouter.bundle),
+    Route("POST", "", "batch", "system", FhirRouter.bundle),
     Route("POST", "{type}", "create", "type", FhirRouter.create),
     Route("PUT", "{type}", "update", "type", FhirRouter.conditional_update),
     Route("PATCH", "{type}", "patch", "type", FhirRouter.conditional_patch),

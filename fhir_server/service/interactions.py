@@ -24,6 +24,7 @@ from fhir_server.outcome import FhirError, Issue, error
 from fhir_server.search.engine import (Page, compartment_condition, conditional_matches, everything_search,
                                        parse_search, run_search)
 from fhir_server.search.index import INDEX_VERSION, IndexRows, index_resource
+from fhir_server.service.references import CONDITIONAL_REFERENCE, has_conditional_references, rewrite_references
 from fhir_server.service.timefmt import now_us, to_instant
 from fhir_server.storage.repository import Head, StaleHead, Store, Version
 from fhir_server.storage.schema import resource
@@ -175,15 +176,17 @@ class FhirService:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None = None) -> Result:
+    def create(self, rtype: str, body: dict[str, Any], if_none_exist: str | None = None,
+               rid: str | None = None) -> Result:
+        """POST: a new resource with a server id (`rid`: one chosen beforehand, by a transaction that
+        rewrote references to it)."""
         self._check_body(rtype, body)
         validate_resource(body)
-        index = index_resource(body)
+        index = _early_index(body)
 
         def tx(conn: sa.Connection) -> Result:
             if if_none_exist is not None:
-                self.store.lock_key(conn, f"{rtype}?{if_none_exist}")
-                found = conditional_matches(conn, rtype, if_none_exist.split("?", 1)[-1])
+                found = self._conditional_pks(conn, rtype, if_none_exist.split("?", 1)[-1], lock=True)
                 if len(found) > 1:
                     raise error(412, "multiple-matches",
                                 f"If-None-Exist '{if_none_exist}' matches more than one {rtype}")
@@ -192,9 +195,22 @@ class FhirService:
                     return Result(200, existing, [Issue("informational",
                                   f"{rtype}/{existing.id} already matches '{if_none_exist}'; nothing created",
                                   severity="information")])
-            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "POST", index))
+            return Result(201, self._put_version(conn, None, rtype, rid or str(uuid.uuid4()), body, "POST", index))
 
         return self._in_write(tx)
+
+    def conditional_ids(self, rtype: str, query: str, lock: bool = False) -> list[str]:
+        """ids of the live resources matching a conditional URL's criteria (at most 2: callers need
+        0/1/many). `lock` (inside `atomically`) holds the criteria until the transaction ends, so a
+        concurrent conditional create of the same criteria waits and then sees ours."""
+        with self.store.reading() as conn:
+            pks = self._conditional_pks(conn, rtype, query, lock)
+            return [v.id for v in self.store.current_by_pks(conn, pks)]
+
+    def _conditional_pks(self, conn: sa.Connection, rtype: str, query: str, lock: bool) -> list[int]:
+        if lock:
+            self.store.lock_key(conn, f"{rtype}?{query}")
+        return conditional_matches(conn, rtype, query)
 
     def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None = None) -> Result:
         check_id(rid)
@@ -202,22 +218,22 @@ class FhirService:
         self._check_body_id(rtype, rid, body)
         validate_resource(body)
         expected = parse_etag(if_match) if if_match else None
-        index = index_resource(body)
+        index = _early_index(body)
         return self._in_write(lambda conn: self._update_in(conn, rtype, rid, body, expected, index=index))
 
     def conditional_update(self, rtype: str, query: str, body: dict[str, Any],
-                           if_match: str | None = None) -> Result:
+                           if_match: str | None = None, rid: str | None = None) -> Result:
+        """PUT by criteria; `rid`: the id to create with when nothing matches and the body has none."""
         self._check_body(rtype, body)
         validate_resource(body)
-        index = index_resource(body)
+        index = _early_index(body)
         expected = parse_etag(if_match) if if_match else None
         body_id = body.get("id")
         if body_id is not None:
             check_id(body_id)
 
         def tx(conn: sa.Connection) -> Result:
-            self.store.lock_key(conn, f"{rtype}?{query}")
-            found = conditional_matches(conn, rtype, query)
+            found = self._conditional_pks(conn, rtype, query, lock=True)
             if len(found) > 1:
                 raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}")
             if found:
@@ -230,7 +246,7 @@ class FhirService:
                 if self.store.head(conn, rtype, body_id) is not None:
                     raise error(409, "conflict", f"{rtype}/{body_id} exists but does not match '{query}'")
                 return self._update_in(conn, rtype, body_id, body, expected, index=index)
-            return Result(201, self._put_version(conn, None, rtype, str(uuid.uuid4()), body, "PUT", index))
+            return Result(201, self._put_version(conn, None, rtype, rid or str(uuid.uuid4()), body, "PUT", index))
 
         return self._in_write(tx)
 
@@ -281,6 +297,9 @@ class FhirService:
 
     def _update_in(self, conn: sa.Connection, rtype: str, rid: str, body: dict[str, Any],
                    expected: int | None, method: str = "PUT", index: IndexRows | None = None) -> Result:
+        if index is None:  # the body may hold conditional references: resolve them before comparing
+            body = self._resolve_conditional_references(conn, body)
+            index = index_resource(body)
         head = self.store.head(conn, rtype, rid, lock=True)
         if expected is not None and (head is None or head.version_id != expected):
             raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
@@ -324,7 +343,10 @@ class FhirService:
     def _put_version(self, conn: sa.Connection, head: Head | None, rtype: str, rid: str,
                      body: dict[str, Any], method: str, index: IndexRows | None = None) -> Version:
         """Write the next version. `index`: the body's index rows if already extracted (they do not
-        depend on id, version or time, so callers extract them before taking the write lock)."""
+        depend on id, version or time, so callers extract them before taking the write lock); None
+        when the body may still hold conditional references, which are resolved here."""
+        if index is None:
+            body = self._resolve_conditional_references(conn, body)
         version_id = 1 if head is None else head.version_id + 1
         stamp = now_us() if head is None else max(now_us(), head.last_updated)
         stored = _stored_form(body, rtype, rid, version_id, stamp)
@@ -334,26 +356,55 @@ class FhirService:
     def bulk_put(self, resources: list[dict[str, Any]], validate: bool = True) -> int:
         """Store a batch of resources with client ids in one transaction (the loader's fast path):
         new ones are inserted together; any that exist already go through the ordinary update.
-        Validation and index extraction happen before the write lock is taken. Returns the count."""
+        Validation and index extraction happen before the write lock is taken, except for resources
+        with conditional references, which are resolved inside the transaction. Returns the count."""
         stamp = now_us()
-        prepared = {}
+        prepared: dict[tuple[str, str], tuple[dict[str, Any], IndexRows | None]] = {}
         for res in resources:
             rtype = res.get("resourceType", "") if isinstance(res, dict) else ""
             self._check_body(rtype, res)
             rid = check_id(str(res.get("id", "")))
             validate_resource(res, structure=validate)
-            stored = _stored_form(res, rtype, rid, 1, stamp)
-            prepared[(rtype, rid)] = (res, jsonfmt.dumps(stored).decode(), index_resource(stored))
+            prepared[(rtype, rid)] = (res, _early_index(res))
 
         def tx(conn: sa.Connection) -> int:
             existing = self.store.existing_ids(conn, list(prepared))
-            for key in existing:
-                self._update_in(conn, key[0], key[1], prepared[key][0], None, index=prepared[key][2])
-            self.store.insert_many(conn, [(t, i, content, index) for (t, i), (_, content, index)
-                                          in prepared.items() if (t, i) not in existing], stamp)
+            resolved: dict[str, str] = {}  # conditional reference -> Type/id, for this batch
+            new = []
+            for (rtype, rid), (res, index) in prepared.items():
+                if (rtype, rid) in existing:
+                    self._update_in(conn, rtype, rid, res, None, index=index)
+                    continue
+                if index is None:
+                    res = self._resolve_conditional_references(conn, res, resolved)
+                    index = index_resource(res)
+                content = jsonfmt.dumps(_stored_form(res, rtype, rid, 1, stamp)).decode()
+                new.append((rtype, rid, content, index))
+            self.store.insert_many(conn, new, stamp)
             return len(prepared)
 
         return self._in_write(tx, weight=len(prepared))
+
+    def _resolve_conditional_references(self, conn: sa.Connection, body: dict[str, Any],
+                                        cache: dict[str, str] | None = None) -> dict[str, Any]:
+        """Replace each `Type?criteria` reference by the one resource matching it (as HAPI does:
+        none -> 404, several -> 412). `cache` remembers answers across the resources of one batch."""
+        cache = {} if cache is None else cache
+
+        def resolve(ref: str) -> str:
+            if not CONDITIONAL_REFERENCE.fullmatch(ref):
+                return ref
+            if ref not in cache:
+                rtype, query = ref.split("?", 1)
+                found = self._conditional_pks(conn, rtype, query, lock=False)
+                if len(found) != 1:
+                    raise error(404 if not found else 412, "not-found" if not found else "multiple-matches",
+                                f"Conditional reference '{ref}' matches {'no' if not found else 'more than one'} "
+                                f"{rtype}")
+                cache[ref] = f"{rtype}/{self.store.current_by_pks(conn, found)[0].id}"
+            return cache[ref]
+
+        return rewrite_references(body, resolve)
 
     @staticmethod
     def _check_body(rtype: str, body: Any) -> None:
@@ -395,6 +446,12 @@ class FhirService:
                 if not _is_transient(exc) or attempt == 4:
                     raise
         raise AssertionError("unreachable")
+
+
+def _early_index(body: dict[str, Any]) -> IndexRows | None:
+    """The body's index rows, extracted before the write lock; None when conditional references in
+    it must first be resolved inside the transaction."""
+    return None if has_conditional_references(body) else index_resource(body)
 
 
 Found = TypeVar("Found", Head, Version)

@@ -5,9 +5,10 @@ rules beyond "a version is a row".
 """
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,20 @@ _CURRENT = (
 )
 
 
+def _joins_atomic(opener: Callable[[Store], Iterator[sa.Connection]]
+                  ) -> Callable[[Store], AbstractContextManager[sa.Connection]]:
+    """A connection opener (a generator, as for @contextmanager) that, inside an `atomic()` block,
+    hands out the block's transaction instead of opening its own."""
+    @functools.wraps(opener)
+    @contextmanager
+    def joined(store: Store) -> Iterator[sa.Connection]:
+        if (ambient := store._ambient.get()) is not None:
+            yield ambient
+        else:
+            yield from opener(store)
+    return joined
+
+
 class Store:
     """Transactions and row-level primitives over one engine."""
 
@@ -81,9 +96,6 @@ class Store:
         """One write transaction for everything done inside the block (a transaction Bundle):
         reading(), single_read() and writing() inside it use this transaction, so each step sees
         the steps before it and all commit or roll back together."""
-        if (ambient := self._ambient.get()) is not None:
-            yield ambient
-            return
         with self.writing() as conn:
             token = self._ambient.set(conn)
             try:
@@ -91,32 +103,23 @@ class Store:
             finally:
                 self._ambient.reset(token)
 
-    @contextmanager
+    @_joins_atomic
     def reading(self) -> Iterator[sa.Connection]:
         """A read transaction: one consistent snapshot for everything read inside it."""
-        if (ambient := self._ambient.get()) is not None:
-            yield ambient
-            return
         with self.engine.connect() as conn:
             with conn.begin():
                 yield conn
 
-    @contextmanager
+    @_joins_atomic
     def single_read(self) -> Iterator[sa.Connection]:
         """For one SELECT: no BEGIN/COMMIT round trips (a single statement is consistent on its own)."""
-        if (ambient := self._ambient.get()) is not None:
-            yield ambient
-            return
         options = {"isolation_level": "AUTOCOMMIT"} if self.is_postgres else {NO_TRANSACTION: True}
         with self.engine.connect().execution_options(**options) as conn:
             yield conn
 
-    @contextmanager
+    @_joins_atomic
     def writing(self) -> Iterator[sa.Connection]:
         """A write transaction, committed (durably) when the block ends without error."""
-        if (ambient := self._ambient.get()) is not None:
-            yield ambient
-            return
         with self._sqlite_writer or nullcontext():
             with self.engine.connect().execution_options(**{WRITE: True}) as conn:
                 with conn.begin():
