@@ -5,9 +5,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from fhir_server.config import Settings
 from fhir_server.demo import demo_resources
+from fhir_server.loader import load
 from fhir_server.service.interactions import FhirService
 from fhir_server.storage.engine import create_engine, migrate
 from fhir_server.storage.repository import Store
@@ -31,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     migrate_cmd = sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
     migrate_cmd.add_argument("--database")
 
+    load_cmd = sub.add_parser("load", help="load Bulk Data NDJSON and Bundle JSON files (or folders of them)")
+    load_cmd.add_argument("paths", nargs="+", type=Path, metavar="FILE_OR_DIR")
+    load_cmd.add_argument("--database")
+    load_cmd.add_argument("--batch", type=int, default=500, help="resources per database transaction")
+    load_cmd.add_argument("--processes", type=int, help="worker processes (default: up to 2)")
+    load_cmd.add_argument("--rejects", type=Path, default=Path("carebroker-rejects"),
+                          help="folder for rejected.ndjson (replayable) and errors.ndjson")
+    load_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env(database_url=args.database)
@@ -44,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         log.info("schema of %s is up to date", engine.url.render_as_string(hide_password=True))
         return 0
+    if args.command == "load":
+        engine.dispose()
+        return load_files(settings, args)
     if args.demo:
         load_demo(service)
         service.store.refresh_statistics()
@@ -57,6 +71,28 @@ def load_demo(service: FhirService) -> None:
     for res in resources:
         service.update(res["resourceType"], res["id"], res)
     log.info("demo data: %d resources loaded", len(resources))
+
+
+def load_files(settings: Settings, args: argparse.Namespace) -> int:
+    """`carebroker load`: exit status 1 if anything was rejected (it is kept in --rejects)."""
+    try:
+        outcome = load(args.paths, settings.database_url, args.rejects, args.batch, args.processes,
+                       progress=not args.quiet)
+    except FileNotFoundError as exc:
+        print(f"carebroker load: {exc}", file=sys.stderr)
+        return 2
+    for note in outcome.skipped:
+        print(f"skipped {note}", file=sys.stderr)
+    kinds = ", ".join(f"{t} {n}" for t, n in sorted(outcome.by_type.items()))
+    rate = outcome.loaded / outcome.elapsed if outcome.elapsed else 0.0
+    print(f"loaded {outcome.loaded} resources in {outcome.elapsed:.1f} s ({rate:,.0f}/s): {kinds}", file=sys.stderr)
+    if outcome.rejected:
+        print(f"rejected {len(outcome.rejected)}: kept in {args.rejects}/rejected.ndjson, reasons in "
+              f"{args.rejects}/errors.ndjson", file=sys.stderr)
+        for r in outcome.rejected[:10]:
+            print(f"  {r.source}:{r.line}: {r.status} {r.reason}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def serve_forever(settings: Settings, args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ class Backends:
         return self._cache[key]
 
     def url(self, kind: str) -> str:
-        return self._once(("url", kind), lambda: self._make_url(kind))  # type: ignore[return-value]
+        return self._once(("url", kind), lambda: self.fresh_url(kind))  # type: ignore[return-value]
 
     def engine(self, kind: str) -> sa.Engine:
         def make() -> sa.Engine:
@@ -108,7 +108,8 @@ class Backends:
                 time.sleep(0.1)
         pytest.fail("server did not start within 60 s")
 
-    def _make_url(self, kind: str) -> str:
+    def fresh_url(self, kind: str) -> str:
+        """A new, empty, migrated database of that kind (for tests that count everything in it)."""
         if kind == "sqlite":
             url = f"sqlite:///{self.tmp.mktemp('sqlite') / 'carebroker.db'}"
         else:
