@@ -20,14 +20,9 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
-import re
 import resource
 import secrets
-import shutil
-import signal
-import socket
 import string
 import subprocess
 import sys
@@ -41,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from common import carebroker_command, free_port, machine_facts, process_tree, stop
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -304,16 +301,6 @@ def run_wrk(db: str, phase: str, script: Path, target: Target, seconds: int, con
     return result
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (uvicorn's workers are children of the server process)."""
-    pids = [pid]
-    for parent in pids:  # grows while we walk it
-        for children in Path(f"/proc/{parent}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                pids += [int(child) for child in children.read_text().split()]
-    return pids
-
-
 def process_ticks(pids: Sequence[int]) -> int:
     """User + system CPU ticks of the given processes (fields 14 and 15 of /proc/<pid>/stat)."""
     total = 0
@@ -338,20 +325,6 @@ def children_cpu() -> float:
 
 
 # -- the server under test ------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def carebroker_command() -> str:
-    """The CLI of the virtualenv running this script, so the bench measures this checkout."""
-    found = shutil.which("carebroker", path=str(Path(sys.executable).parent)) or shutil.which("carebroker")
-    if found is None:
-        raise SystemExit("carebroker CLI not found: run this script with the project's virtualenv python")
-    return found
-
 
 @contextlib.contextmanager
 def database(db: str, workdir: Path, pg: str) -> Iterator[str]:
@@ -397,16 +370,6 @@ def wait_ready(proc: subprocess.Popen[bytes], log_path: Path, workers: int, time
             return
         time.sleep(0.2)
     raise RuntimeError(f"carebroker did not start within {timeout}s:\n{log_path.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM lets uvicorn stop its workers; SIGKILL to the server's own process group if it hangs."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 # -- phases --------------------------------------------------------------------------------------------
@@ -461,15 +424,6 @@ def bench(db: str, target: Target, args: argparse.Namespace, workdir: Path) -> d
 
 
 # -- report ---------------------------------------------------------------------------------------------
-
-def machine_facts() -> dict[str, Any]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True)
-    return {"nproc": len(os.sched_getaffinity(0)), "cpu_model": model.group(1) if model else "unknown",
-            "python": platform.python_version(), "platform": platform.platform(),
-            "wrk": (wrk.stdout or wrk.stderr).splitlines()[0]}
-
 
 def checkout() -> str:
     """Commit of this checkout (+ "-dirty"): the server changes fast, so figures must name the code."""
