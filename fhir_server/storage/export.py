@@ -195,4 +195,4 @@ def snapshot_batch(conn: sa.Connection, rtype: str, after_pk: int, upto_pk: int,
         q = q.where(v.c.last_updated >= since)
     if condition is not None:
         q = q.where(condition)
-    return [(int(pk), content) for pk, content in conn.execute(q.order_by(r.c.pk).limit(limit))]
+    return [(int(pk), content) for pk, content in conn.execute(q.order_by(r.c.pk).limit(limit)).all()]
