@@ -32,8 +32,9 @@ OPERATION_DEFINITIONS = {
 
 
 def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base_url: str,
-                         searchable_kinds: frozenset[str]) -> dict[str, Any]:
-    """`searchable_kinds`: the search-parameter types the engine implements (composite is not one)."""
+                         searchable_kinds: frozenset[str], security: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`searchable_kinds`: the search-parameter types the engine implements (composite is not one);
+    `security`: the `rest.security` element (how clients get tokens), if any."""
     routes = list(routes)
     operations = [r for r in routes if r.interaction.startswith("$")]
     routes = [r for r in routes if not r.interaction.startswith("$")]
@@ -65,6 +66,7 @@ def capability_statement(routes: Iterable[RouteInfo], types: Sequence[str], base
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
             "mode": "server",
+            **({"security": security} if security else {}),
             "documentation": (f"{len(types)} of the {len(r4_resource_types())} R4 resource types are supported "
                               "(R4 types without a fhir.resources R4B model are not)."),
             "resource": [{"type": t, **resource_entry, **_search_entry(t, searchable_kinds),

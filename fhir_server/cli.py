@@ -7,6 +7,9 @@ import os
 import sys
 from pathlib import Path
 
+from fhir_server.auth import cli as auth_cli
+from fhir_server.auth.demo import demo_instructions, register_demo
+from fhir_server.auth.server import AuthServer
 from fhir_server.config import Settings
 from fhir_server.demo import demo_resources
 from fhir_server.loader import load
@@ -41,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     load_cmd.add_argument("--rejects", type=Path, default=Path("carebroker-rejects"),
                           help="folder for rejected.ndjson (replayable) and errors.ndjson")
     load_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    auth_cli.add_parsers(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,9 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "load":
         engine.dispose()
         return load_files(settings, args)
+    if args.command in auth_cli.COMMANDS:
+        status = auth_cli.run(args, service.store, settings)
+        engine.dispose()
+        return status
     if args.demo:
         load_demo(service)
         service.store.refresh_statistics()
+        register_demo(service.store)
+        print(demo_instructions(settings.public_base_url or f"http://{args.host}:{args.port}/fhir"),
+              file=sys.stderr, flush=True)
+    AuthServer(service.store, settings.auth_key_file).keys.ensure_current()  # the first start makes the key
     engine.dispose()
     return serve_forever(settings, args)
 

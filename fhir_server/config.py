@@ -26,6 +26,8 @@ class Settings:
     max_page_size: int = 1000
     # NDJSON per stored chunk of a bulk export file: what a resumed export redoes at most.
     export_chunk_bytes: int = 1 << 20
+    # The authorization server's signing keys in this JSON file instead of the database.
+    auth_key_file: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> "Settings":
@@ -37,6 +39,8 @@ class Settings:
             values["public_base_url"] = base
         if chunk := os.environ.get("CAREBROKER_EXPORT_CHUNK_BYTES"):
             values["export_chunk_bytes"] = int(chunk)
+        if key_file := os.environ.get("CAREBROKER_AUTH_KEY_FILE"):
+            values["auth_key_file"] = key_file
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["database_url"] = normalise_database_url(str(values.get("database_url", DEFAULT_DATABASE_URL)))
         return cls(**values)  # type: ignore[arg-type]

@@ -24,6 +24,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fhir_server.api.router import FhirRequest, FhirResponse, FhirRouter, outcome_response
+from fhir_server.auth.endpoints import auth_routes
+from fhir_server.auth.server import AuthServer
 from fhir_server.config import Settings
 from fhir_server.outcome import Issue
 from fhir_server.service.export import ExportWorker
@@ -57,6 +59,9 @@ def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
     app = FastAPI(title="carebroker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.router = router
+    # The built-in authorization server (/auth) and SMART discovery, routed ahead of the /fhir mount.
+    app.state.auth = AuthServer(router.service.store, settings.auth_key_file)
+    app.router.routes.extend(auth_routes(app.state.auth, settings.public_base_url))
     endpoint = FhirEndpoint(router, settings.public_base_url)
     app.router.routes.append(Route(FHIR_BASE, endpoint))  # the base itself (system interactions)
     app.mount(FHIR_BASE, endpoint)

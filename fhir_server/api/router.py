@@ -19,6 +19,8 @@ from fhir_server import jsonfmt
 from conformance.capability import capability_statement
 from conformance.validation import model_class, supported_resource_types
 from fhir_server.api.bundle import process_bundle
+from fhir_server.auth.discovery import rest_security
+from fhir_server.auth.urls import AuthUrls
 from fhir_server.api.messages import FHIR_JSON, JSON_PATCH, FhirRequest, FhirResponse, json_response, outcome_response
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
@@ -90,7 +92,8 @@ class FhirRouter:
 
     def metadata(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return json_response(200, capability_statement(ROUTES, sorted(self.types), req.base_url,
-                                                       frozenset(k for k in UNITS if not k.startswith("_"))))
+                                                       frozenset(k for k in UNITS if not k.startswith("_")),
+                                                       rest_security(AuthUrls.for_fhir_base(req.base_url))))
 
     def read(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         version = self.service.read(parts[0], parts[1])

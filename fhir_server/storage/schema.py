@@ -187,3 +187,70 @@ export_patient = sa.Table(
     sa.Column("job_id", sa.String(36), sa.ForeignKey("export_job.id", ondelete="CASCADE"), primary_key=True),
     sa.Column("patient_id", sa.String(64), primary_key=True),
 )
+
+# Built-in authorization server (fhir_server/auth). Times here are whole seconds since the epoch,
+# as in JWT `exp`/`iat`. Secrets and passwords are stored as scrypt hashes, codes as SHA-256.
+auth_key = sa.Table(
+    "auth_key", metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("alg", sa.String(16), nullable=False),
+    sa.Column("private_jwk", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("retired_at", sa.BigInteger, nullable=True),  # NULL: the current signing key
+)
+auth_client = sa.Table(
+    "auth_client", metadata,
+    sa.Column("client_id", sa.String(255), primary_key=True),
+    sa.Column("name", sa.Text, nullable=True),
+    sa.Column("jwks", sa.Text, nullable=True),  # inline JWKS (public keys) for private_key_jwt
+    sa.Column("jku", sa.Text, nullable=True),  # the one JWKS URL this client may name
+    sa.Column("secret_hash", sa.Text, nullable=True),  # client_secret_basic when set
+    sa.Column("scope", sa.Text, nullable=False),  # space-separated scopes it may be granted
+    sa.Column("redirect_uris", sa.Text, nullable=False),  # space-separated, matched exactly
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("fhir_user", sa.String(255), nullable=True),
+    sa.Column("organization", sa.String(255), nullable=True),
+    sa.Column("purpose_of_use", sa.String(32), nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+auth_user = sa.Table(
+    "auth_user", metadata,
+    sa.Column("username", sa.String(255), primary_key=True),
+    sa.Column("password_hash", sa.Text, nullable=False),
+    sa.Column("roles", sa.Text, nullable=False),
+    sa.Column("fhir_user", sa.String(255), nullable=True),
+    sa.Column("organization", sa.String(255), nullable=True),
+    sa.Column("patient", sa.String(64), nullable=True),  # a patient user's own Patient id
+    sa.Column("purpose_of_use", sa.String(32), nullable=True),
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+auth_code = sa.Table(
+    "auth_code", metadata,
+    sa.Column("code_hash", sa.String(64), primary_key=True),
+    sa.Column("client_id", sa.String(255), nullable=False),
+    sa.Column("redirect_uri", sa.Text, nullable=False),
+    sa.Column("username", sa.String(255), nullable=False),
+    sa.Column("scope", sa.Text, nullable=False),
+    sa.Column("code_challenge", sa.String(128), nullable=False),
+    sa.Column("nonce", sa.Text, nullable=True),
+    sa.Column("patient", sa.String(64), nullable=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    # Set when the code is exchanged: a second use revokes the token it gave (RFC 6749 4.1.2).
+    sa.Column("token_jti", sa.String(64), nullable=True),
+    sa.Column("token_expires_at", sa.BigInteger, nullable=True),
+    sa.Index("ix_auth_code_expires", "expires_at"),
+)
+auth_assertion_jti = sa.Table(
+    "auth_assertion_jti", metadata,
+    sa.Column("client_id", sa.String(255), primary_key=True),
+    sa.Column("jti", sa.String(255), primary_key=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_auth_assertion_jti_expires", "expires_at"),
+)
+auth_revoked = sa.Table(
+    "auth_revoked", metadata,
+    sa.Column("jti", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.BigInteger, nullable=False),
+    sa.Index("ix_auth_revoked_expires", "expires_at"),
+)
