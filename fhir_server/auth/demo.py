@@ -53,7 +53,7 @@ def demo_instructions(fhir_base: str) -> str:
     return f"""carebroker demo sign-in (demo credentials only):
   users {users}; password {DEMO_PASSWORD!r} for each
   backend token:  curl -u {DEMO_BACKEND}:{DEMO_BACKEND_SECRET} -d grant_type=client_credentials -d 'scope=system/*.rs' {urls.token}
-  or:             carebroker token {DEMO_BACKEND}
+  or:             carebroker token {DEMO_BACKEND} --base-url {urls.fhir_base}
   app login:      open {authorize}
                   sign in (e.g. as 'patient'); the browser then goes to {DEMO_REDIRECT}?code=...; exchange the code:
                   curl -d grant_type=authorization_code -d client_id={DEMO_APP} -d redirect_uri={DEMO_REDIRECT} -d code_verifier={DEMO_VERIFIER} -d code=CODE {urls.token}
