@@ -281,6 +281,12 @@ def test_bad_requests(api, path: str, params: dict[str, str], headers: dict[str,
     assert body["resourceType"] == "OperationOutcome" and says in body["issue"][0]["diagnostics"]
 
 
+@pytest.mark.parametrize("output_format", ["application/fhir+ndjson", "application/ndjson", "ndjson"])
+def test_output_formats_accepted(api, output_format: str) -> None:  # type: ignore[no-untyped-def]
+    status_url = kick_off(api, "$export", _type="Organization", _outputFormat=output_format)
+    assert api.delete(status_url).status_code == 202
+
+
 def test_lenient_handling_ignores_unsupported_parameters(api) -> None:  # type: ignore[no-untyped-def]
     resp = api.get("$export", params={"_type": "Organization", "_typeFilter": "Organization?name=x"},
                    headers={**ASYNC, "Prefer": "respond-async, handling=lenient"})
@@ -312,10 +318,35 @@ def test_cancel_removes_the_job_and_its_files(asgi_client, engine) -> None:  # t
             assert conn.execute(sa.select(sa.func.count()).where(export_job.c.id == jid)).scalar_one() == 0
 
 
+def chunk_digests(engine: sa.Engine, job_id: str) -> dict[tuple[int, int], str]:
+    with engine.connect() as conn:
+        return {(r.file_no, r.part): hashlib.sha256(r.data).hexdigest() for r in conn.execute(
+            sa.select(export_chunk.c.file_no, export_chunk.c.part, export_chunk.c.data)
+            .where(export_chunk.c.job_id == job_id))}
+
+
+def job_row(engine: sa.Engine, job_id: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one()
+
+
+def wait_progress(client: httpx.Client, status_url: str, beyond: int) -> None:
+    """Until the job says it exported more than `beyond` resources (and is not done)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        progress = client.get(status_url)
+        assert progress.status_code == 202, "the export finished before it could be interrupted"
+        if exported(progress.headers["x-progress"]) > beyond:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the export made no progress")
+
+
 @pytest.mark.slow
-def test_export_resumes_after_its_server_is_killed(backends, backend: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A job whose server dies half-way is finished by the next server on the same database, from its
-    checkpoint: the chunks written before the crash are kept, and every resource is exported once."""
+def test_export_survives_its_servers_stopping_and_dying(backends, backend: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A job whose server stops hands it back at once; one whose server dies is taken over when the
+    lease runs out. Either way the next server goes on from the checkpoint: the chunks written
+    before are kept as they are, and every resource is exported exactly once."""
     url = fresh_url(backends, backend, tmp_path)
     engine = create_engine(url)
     service = FhirService(Store(engine))
@@ -323,37 +354,35 @@ def test_export_resumes_after_its_server_is_killed(backends, backend: str, tmp_p
     for i in range(0, len(resources), 2000):
         service.bulk_put(resources[i:i + 2000], validate=False)
     expected = stored(service.store)
-    small_chunks = {"CAREBROKER_EXPORT_CHUNK_BYTES": "4096"}  # many checkpoints, a slow job: time to kill it
-    proc, base = backends.spawn_server(url, env=small_chunks)
+    small_chunks = {"CAREBROKER_EXPORT_CHUNK_BYTES": "4096"}  # many checkpoints, a slow job: time to stop it
     with httpx.Client(timeout=30) as client:
-        status_url = kick_off(client, f"{base}/$export")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            progress = client.get(status_url)
-            assert progress.status_code == 202, "the export finished before it could be interrupted"
-            if exported(progress.headers["x-progress"]) > 0:
-                break
-            time.sleep(0.02)
-        proc.kill()
-        proc.wait()
+        first, base1 = backends.spawn_server(url, env=small_chunks)
+        status_url = kick_off(client, f"{base1}/$export")
         job_id = status_url.rsplit("=", 1)[1]
-        with engine.connect() as conn:
-            job = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one()
-            before = {(r.file_no, r.part): hashlib.sha256(r.data).hexdigest() for r in conn.execute(
-                sa.select(export_chunk.c.file_no, export_chunk.c.part, export_chunk.c.data)
-                .where(export_chunk.c.job_id == job_id))}
-        assert job.status == "running" and 0 < job.exported < len(expected) and before
+        wait_progress(client, status_url, 0)
+        first.terminate()  # a graceful stop: the job is handed back, the attempt not counted
+        first.wait(30)
+        stopped = job_row(engine, job_id)
+        assert (stopped.status, stopped.owner, stopped.attempts) == ("queued", None, 0)
+        assert 0 < stopped.exported < len(expected)
+        before_stop = chunk_digests(engine, job_id)
 
-        _, base2 = backends.spawn_server(url, env=small_chunks)
-        manifest = wait_manifest(client, status_url.replace(base, base2))
-        assert all(o["url"].startswith(base2) for o in manifest["output"])
+        second, base2 = backends.spawn_server(url, env=small_chunks)
+        wait_progress(client, status_url.replace(base1, base2), stopped.exported)
+        second.kill()  # a crash: the lease is left to run out
+        second.wait()
+        killed = job_row(engine, job_id)
+        assert killed.status == "running" and killed.attempts == 1 and stopped.exported < killed.exported < len(expected)
+        before_kill = chunk_digests(engine, job_id)
+        assert {k: before_kill[k] for k in before_stop} == before_stop
+
+        _, base3 = backends.spawn_server(url, env=small_chunks)
+        manifest = wait_manifest(client, status_url.replace(base1, base3))
+        assert all(o["url"].startswith(base3) for o in manifest["output"])
         found = download(client, manifest)
     assert found == expected
-    with engine.connect() as conn:
-        job = conn.execute(sa.select(export_job).where(export_job.c.id == job_id)).one()
-        after = {(r.file_no, r.part): hashlib.sha256(r.data).hexdigest() for r in conn.execute(
-            sa.select(export_chunk.c.file_no, export_chunk.c.part, export_chunk.c.data)
-            .where(export_chunk.c.job_id == job_id))}
-    assert job.status == "completed" and job.attempts == 2
-    assert {k: after[k] for k in before} == before  # resumed, not redone
+    done = job_row(engine, job_id)
+    assert done.status == "completed" and done.attempts == 2 and done.exported == len(expected)
+    after = chunk_digests(engine, job_id)
+    assert {k: after[k] for k in before_kill} == before_kill  # resumed, not redone
     engine.dispose()

@@ -447,6 +447,12 @@ def in_patient_compartments(rtype: str, patients: sa.Select[Any] | None,
     refers = [sr.c.resource_pk == r.c.pk, sr.c.param.in_(codes), sr.c.target_type == "Patient"]
     if patients is None:
         return sa.true() if rtype == "Patient" else sa.exists().where(*refers)
-    ids = patients.subquery()
-    member = sa.exists().where(*refers, sr.c.target_id == ids.c[0])
-    return sa.or_(member, sa.exists().where(ids.c[0] == r.c.id)) if rtype == "Patient" else member
+    patient_id = patients.selected_columns[0]
+
+    def among_patients(pid: sa.ColumnElement[str]) -> sa.Exists:
+        # OFFSET keeps PostgreSQL from flattening the probe into a join it may plan as a scan of
+        # every patient per reference (it does, while the job's patient rows have no statistics)
+        return sa.exists(patients.where(patient_id == pid).offset(0))
+
+    member = sa.exists().where(*refers, among_patients(sr.c.target_id))
+    return sa.or_(member, among_patients(r.c.id)) if rtype == "Patient" else member

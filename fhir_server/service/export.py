@@ -193,7 +193,7 @@ class BulkExport:
                     self._release(job, owner, graceful=True)
                     return
                 upto = min(after + window, top)
-                with self.store.single_read() as conn:
+                with self.store.reading() as conn:
                     rows = jobs.snapshot_batch(conn, rtype, after, upto, job.transaction_time, job.since, condition,
                                                BATCH)
                 for pk, content in rows:

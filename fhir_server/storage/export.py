@@ -195,4 +195,9 @@ def snapshot_batch(conn: sa.Connection, rtype: str, after_pk: int, upto_pk: int,
         q = q.where(v.c.last_updated >= since)
     if condition is not None:
         q = q.where(condition)
+    if conn.dialect.name == "postgresql":
+        # A batch is a bounded pk range, where nested loops over the indexes are always right; but
+        # PostgreSQL misjudges how few rows the correlated conditions leave, and may then hash-join,
+        # scanning a whole table for every batch. (SET LOCAL: for this transaction only.)
+        conn.exec_driver_sql("SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
     return [(int(pk), content) for pk, content in conn.execute(q.order_by(r.c.pk).limit(limit)).all()]
