@@ -3,6 +3,7 @@ manifest, files; scoping by _type, _since, Patient and Group; the snapshot at th
 errors; cancel; and a job that survives the death of the server running it."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -188,6 +189,16 @@ def test_thousands_of_resources_exported_exactly_as_stored(fresh) -> None:  # ty
     assert found == expected
     assert found[("Patient", "big-p0")]["meta"]["versionId"] == "2"
     assert ("Observation", "big-p1-o0") not in found
+
+
+def test_large_resources_come_back_whole(fresh) -> None:  # type: ignore[no-untyped-def]
+    """Resources of 400 KB: a few per chunk and per batch, each line whole."""
+    client, service = fresh
+    blob = base64.b64encode(bytes(range(256)) * 1200).decode()  # 409,600 characters
+    service.bulk_put([{"resourceType": "Binary", "id": f"scan{i}", "contentType": "application/pdf",
+                       "data": blob[i:] + blob[:i]} for i in range(12)], validate=False)
+    found = export(client, "$export", _type="Binary")
+    assert found == stored(service.store) and len(found) == 12
 
 
 def test_type_and_since(api) -> None:  # type: ignore[no-untyped-def]

@@ -42,7 +42,9 @@ PASSIVE_PARAMETERS = frozenset({"_format", "_pretty"})  # they shape the kick-of
 SECOND_US = 1_000_000
 CHUNK_BYTES = 1 << 20  # NDJSON per chunk row, and so per checkpoint
 FILE_CHUNKS = 100  # a file is at most this many chunks; a type with more output gets several files
-BATCH = 1000  # resources per query
+BATCH = 1000  # resources per query, at most
+BATCH_BYTES = 4 << 20  # and about this much of them: large resources (Binary, documents) come fewer at a time
+FIRST_BATCH = 10  # resources of a type read before their size is known
 MAX_WINDOW = 64 * BATCH  # the widest pk range one query reads (types and matches may be sparse)
 LEASE_US = 10 * SECOND_US  # a worker that has not renewed its lease for this long is taken to be dead
 SETTLE_US = SECOND_US  # a job starts this long after its transaction time, when writes stamped before it have committed
@@ -187,7 +189,7 @@ class BulkExport:
             condition = None if job.level == "system" else in_patient_compartments(rtype, patients)
             with self.store.single_read() as conn:
                 top = jobs.max_pk(conn, rtype)  # anything above came later than the transaction time
-            buffer, count, after, window = bytearray(), 0, job.after_pk, BATCH
+            buffer, count, after, window, limit = bytearray(), 0, job.after_pk, BATCH, FIRST_BATCH
             while after < top:
                 if stop.is_set():
                     self._release(job, owner, graceful=True)
@@ -195,7 +197,7 @@ class BulkExport:
                 upto = min(after + window, top)
                 with self.store.reading() as conn:
                     rows = jobs.snapshot_batch(conn, rtype, after, upto, job.transaction_time, job.since, condition,
-                                               BATCH)
+                                               limit)
                 for pk, content in rows:
                     buffer += content.encode()
                     buffer += b"\n"
@@ -203,10 +205,12 @@ class BulkExport:
                     if len(buffer) >= self.chunk_bytes:
                         job = self._save(job, owner, _next_chunk(job, rtype, count, buffer), after_pk=pk)
                         buffer, count, renewed = bytearray(), 0, time.monotonic()
-                if len(rows) == BATCH:  # the range held more: go on after the last one read
+                if len(rows) == limit:  # the range held more: go on after the last one read
                     after, window = rows[-1][0], max(BATCH, window // 2)
                 else:  # the range is done; sparse matches widen the next one
-                    after, window = upto, min(window * 2, MAX_WINDOW) if len(rows) < BATCH // 2 else window
+                    after, window = upto, min(window * 2, MAX_WINDOW) if len(rows) < limit // 2 else window
+                if rows:
+                    limit = max(1, min(BATCH, BATCH_BYTES * len(rows) // sum(len(c) for _, c in rows)))
                 if time.monotonic() - renewed > LEASE_US / SECOND_US / 3:  # a long stretch without output
                     job, renewed = self._save(job, owner, None), time.monotonic()
             last = _next_chunk(job, rtype, count, buffer) if count else None
