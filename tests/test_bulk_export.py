@@ -18,7 +18,9 @@ from fastapi.testclient import TestClient
 
 from fhir_server.api.http import create_app
 from fhir_server.config import Settings
+from fhir_server.service.export import BulkExport
 from fhir_server.service.interactions import FhirService
+from fhir_server.service.timefmt import now_us
 from fhir_server.storage.engine import create_engine, migrate
 from fhir_server.storage.repository import Store
 from fhir_server.storage.schema import export_chunk, export_job
@@ -327,6 +329,22 @@ def test_cancel_removes_the_job_and_its_files(asgi_client, engine) -> None:  # t
             jid = url.rsplit("=", 1)[1]
             assert conn.execute(sa.select(sa.func.count()).where(export_chunk.c.job_id == jid)).scalar_one() == 0
             assert conn.execute(sa.select(sa.func.count()).where(export_job.c.id == jid)).scalar_one() == 0
+
+
+def test_expired_jobs_are_removed_with_their_files(asgi_client, engine) -> None:  # type: ignore[no-untyped-def]
+    api = asgi_client
+    create(api, patient("Expiring"))
+    status_url = kick_off(api, "$export", _type="Patient")
+    manifest = wait_manifest(api, status_url)
+    job_id = status_url.rsplit("=", 1)[1]
+    exports = BulkExport(Store(engine), frozenset({"Patient"}))
+    with engine.begin() as conn:  # as if its 24 hours were up
+        conn.execute(export_job.update().where(export_job.c.id == job_id).values(expires=now_us() - 1))
+    assert exports.remove_expired() >= 1
+    assert api.get(status_url).status_code == 404
+    assert api.get(manifest["output"][0]["url"]).status_code == 404
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(export_chunk.c.job_id == job_id)).scalar_one() == 0
 
 
 def chunk_digests(engine: sa.Engine, job_id: str) -> dict[tuple[int, int], str]:
