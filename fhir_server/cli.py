@@ -10,7 +10,7 @@ from pathlib import Path
 from fhir_server.auth import cli as auth_cli
 from fhir_server.auth.demo import demo_instructions, register_demo
 from fhir_server.auth.server import AuthServer
-from fhir_server.config import Settings
+from fhir_server.config import AUTH_OFF_ENV, Settings
 from fhir_server.demo import demo_resources
 from fhir_server.loader import load
 from fhir_server.service.interactions import FhirService
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--demo", action="store_true", help="load the synthetic demo population first")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (stateless; share the database)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--auth", choices=("on", "off"), default="on",
+                       help="'off' serves /fhir without tokens, with full access: local experiments only")
 
     migrate_cmd = sub.add_parser("migrate", help="create or upgrade the database schema, then exit")
     migrate_cmd.add_argument("--database")
@@ -111,6 +113,11 @@ def serve_forever(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     os.environ["CAREBROKER_DATABASE_URL"] = settings.database_url
+    os.environ.pop(AUTH_OFF_ENV, None)
+    if args.auth == "off":  # the workers build their apps from the environment: tell them
+        log.warning("*** --auth off: /fhir answers ANY request WITHOUT A TOKEN, with full access. "
+                    "Local experiments only; never with real data. ***")
+        os.environ[AUTH_OFF_ENV] = "by --auth off"
     print(f"carebroker: FHIR R4 server at http://{args.host}:{args.port}/fhir "
           f"(try http://{args.host}:{args.port}/fhir/metadata)", file=sys.stderr, flush=True)
     uvicorn.run("fhir_server.api.asgi:app_from_env", factory=True, host=args.host, port=args.port,

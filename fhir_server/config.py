@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 DEFAULT_DATABASE_URL = "sqlite:///carebroker.db"
+# Set only by `carebroker serve --auth off` for its worker processes (not a setting to use directly).
+AUTH_OFF_ENV = "_CAREBROKER_AUTH_OFF"
 
 
 def normalise_database_url(url: str) -> str:
@@ -26,6 +29,15 @@ class Settings:
     max_page_size: int = 1000
     # NDJSON per stored chunk of a bulk export file: what a resumed export redoes at most.
     export_chunk_bytes: int = 1 << 20
+    # Resource server: every /fhir request needs a valid bearer token (off only by an explicit flag).
+    auth_enabled: bool = True
+    # External issuers whose JWTs are accepted (auth/resource_server.TrustedIssuer), from
+    # CAREBROKER_TRUSTED_ISSUERS (a JSON list, or the path of a JSON file with one).
+    trusted_issuers: tuple[Any, ...] = ()
+    # The claim holding the caller's roles (a dotted path for nested claims: realm_access.roles).
+    role_claim: str = "roles"
+    # Least seconds between two fetches of an issuer's JWKS triggered by unknown kids.
+    jwks_refresh_interval: float = 10.0
     # The authorization server's signing keys in this JSON file instead of the database.
     auth_key_file: str | None = None
 
@@ -41,6 +53,15 @@ class Settings:
             values["export_chunk_bytes"] = int(chunk)
         if key_file := os.environ.get("CAREBROKER_AUTH_KEY_FILE"):
             values["auth_key_file"] = key_file
+        if os.environ.get(AUTH_OFF_ENV) == "by --auth off":
+            values["auth_enabled"] = False
+        if issuers := os.environ.get("CAREBROKER_TRUSTED_ISSUERS"):
+            from fhir_server.auth.resource_server import parse_trusted_issuers
+            values["trusted_issuers"] = parse_trusted_issuers(issuers)
+        if role_claim := os.environ.get("CAREBROKER_ROLE_CLAIM"):
+            values["role_claim"] = role_claim
+        if refresh := os.environ.get("CAREBROKER_JWKS_REFRESH_SECONDS"):
+            values["jwks_refresh_interval"] = float(refresh)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["database_url"] = normalise_database_url(str(values.get("database_url", DEFAULT_DATABASE_URL)))
         return cls(**values)  # type: ignore[arg-type]

@@ -2,10 +2,18 @@
 
 PostgreSQL is required, not optional: if it cannot be reached the PostgreSQL tests fail loudly.
 Each test session works in its own PostgreSQL schema and SQLite file, dropped afterwards.
+
+/fhir needs a bearer token: every client made here sends one by default, signed by TEST_ISSUER (a
+real RSA key whose JWKS is in a temporary file) that every app and server trusts, with
+`system/*.*` scopes and the admin role. Tests calling httpx themselves send AUTH (headers).
 """
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import shutil
+import tempfile
 import socket
 import subprocess
 import sys
@@ -19,7 +27,11 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
 from fhir_server.api.http import create_app
+from fhir_server.auth.resource_server import parse_trusted_issuers
 from fhir_server.config import Settings
 from fhir_server.service.interactions import FhirService
 from fhir_server.storage.engine import create_engine, migrate
@@ -28,6 +40,55 @@ from fhir_server.storage.repository import Store
 PG_URL = os.environ.get("CAREBROKER_TEST_PG_URL", "postgresql+psycopg://127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+class TestIssuer:
+    """An identity provider for tests: real keys, a JWKS file, tokens signed for real. `jwks_path`
+    is what servers are told to trust (rewrite it to rotate keys)."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self, issuer: str, audience: str, folder: Path) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.jwks_path = folder / f"jwks-{uuid.uuid4().hex[:8]}.json"
+        self.keys: list[RSAKey | ECKey] = [RSAKey.generate_key(2048, parameters={"kid": "rsa-1"}, private=True)]
+        self.write_jwks()
+
+    @property
+    def key(self) -> RSAKey | ECKey:
+        return self.keys[0]
+
+    def write_jwks(self) -> None:
+        self.jwks_path.write_text(json.dumps({"keys": [k.as_dict(private=False) for k in self.keys]}))
+
+    def config(self, **extra: object) -> dict[str, object]:
+        return {"issuer": self.issuer, "jwks": str(self.jwks_path), "audience": self.audience, **extra}
+
+    def token(self, scope: str = "system/*.*", *, lifetime: int = 86400, alg: str = "RS256",
+              key: RSAKey | ECKey | None = None, header: dict[str, object] | None = None, **claims: object) -> str:
+        """A signed access token; claims given as None are left out."""
+        now = int(time.time())
+        body: dict[str, object] = {"iss": self.issuer, "sub": "test-client", "aud": self.audience,
+                                   "iat": now, "exp": now + lifetime, "jti": uuid.uuid4().hex,
+                                   "scope": scope, "roles": ["admin"], "client_id": "test-client"}
+        body.update(claims)
+        key = key or self.key
+        head = {"alg": alg, "typ": "at+jwt", "kid": key.kid, **(header or {})}
+        return jwt.encode(head, {k: v for k, v in body.items() if v is not None}, key, algorithms=[alg])
+
+
+_ISSUER_DIR = Path(tempfile.mkdtemp(prefix="carebroker-test-issuer-"))
+atexit.register(shutil.rmtree, _ISSUER_DIR, True)
+TEST_ISSUER = TestIssuer("https://issuer.carebroker.test", "https://carebroker.test/fhir", _ISSUER_DIR)
+TRUSTED_ISSUERS_JSON = json.dumps([TEST_ISSUER.config()])
+TOKEN = TEST_ISSUER.token()
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def app_settings(**overrides: object) -> Settings:
+    """Settings for an in-process app that trusts TEST_ISSUER."""
+    return Settings(**{"trusted_issuers": parse_trusted_issuers(TRUSTED_ISSUERS_JSON), **overrides})  # type: ignore[arg-type]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,7 +127,8 @@ class Backends:
 
     def asgi(self, kind: str) -> TestClient:
         def make() -> TestClient:
-            client = TestClient(create_app(Settings(), self.engine(kind)), base_url="http://testserver/fhir/")
+            client = TestClient(create_app(app_settings(), self.engine(kind)), base_url="http://testserver/fhir/",
+                                headers=AUTH)
             client.__enter__()
             self._cleanup.append(lambda: client.__exit__(None, None, None))
             return client
@@ -78,7 +140,7 @@ class Backends:
 
     def http(self, kind: str) -> httpx.Client:
         def make() -> httpx.Client:
-            client = httpx.Client(base_url=self.server(kind) + "/", timeout=30)
+            client = httpx.Client(base_url=self.server(kind) + "/", timeout=30, headers=AUTH)
             self._cleanup.append(client.close)
             return client
         return self._once(("http", kind), make)  # type: ignore[return-value]
@@ -94,7 +156,7 @@ class Backends:
         proc = subprocess.Popen(
             [sys.executable, "-m", "fhir_server.cli", "serve", "--port", str(port), "--database", url,
              "--log-level", "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, "CAREBROKER_TRUSTED_ISSUERS": TRUSTED_ISSUERS_JSON, **(env or {})})
         self._cleanup.append(lambda: (proc.terminate(), proc.wait(10)))
         base = f"http://127.0.0.1:{port}/fhir"
         deadline = time.monotonic() + 60

@@ -17,13 +17,14 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from fhir_server.api.http import create_app
-from fhir_server.config import Settings
 from fhir_server.service.export import BulkExport
 from fhir_server.service.interactions import FhirService
 from fhir_server.service.timefmt import now_us
 from fhir_server.storage.engine import create_engine, migrate
 from fhir_server.storage.repository import Store
 from fhir_server.storage.schema import export_chunk, export_job
+
+from conftest import AUTH, app_settings
 
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 NDJSON = "application/fhir+ndjson"
@@ -137,7 +138,7 @@ def fresh_url(backends, backend: str, tmp_path) -> str:  # type: ignore[no-untyp
 def fresh(backends, backend: str, tmp_path) -> Iterator[tuple[TestClient, FhirService]]:  # type: ignore[no-untyped-def]
     """The app (with its export worker) on a database of its own, and the service over that database."""
     engine = create_engine(fresh_url(backends, backend, tmp_path))
-    with TestClient(create_app(Settings(), engine), base_url="http://testserver/fhir/") as client:
+    with TestClient(create_app(app_settings(), engine), base_url="http://testserver/fhir/", headers=AUTH) as client:
         yield client, FhirService(Store(engine))
     engine.dispose()
 
@@ -154,7 +155,7 @@ def test_kick_off_poll_manifest_and_files(api) -> None:  # type: ignore[no-untyp
     manifest = wait_manifest(api, status_url)
     assert set(manifest) >= {"transactionTime", "request", "requiresAccessToken", "output", "error"}
     assert manifest["request"].endswith("/$export?_type=Patient%2CObservation&_outputFormat=application%2Ffhir%2Bndjson")
-    assert manifest["requiresAccessToken"] is False and manifest["error"] == []
+    assert manifest["requiresAccessToken"] is True and manifest["error"] == []
     assert pat["meta"]["lastUpdated"] <= manifest["transactionTime"]
     assert {o["type"] for o in manifest["output"]} == {"Patient", "Observation"}
     assert all(o["url"].startswith("http") and o["count"] > 0 for o in manifest["output"])
@@ -384,7 +385,7 @@ def test_export_survives_its_servers_stopping_and_dying(backends, backend: str, 
         service.bulk_put(resources[i:i + 2000], validate=False)
     expected = stored(service.store)
     small_chunks = {"CAREBROKER_EXPORT_CHUNK_BYTES": "4096"}  # many checkpoints, a slow job: time to stop it
-    with httpx.Client(timeout=30) as client:
+    with httpx.Client(timeout=30, headers=AUTH) as client:
         first, base1 = backends.spawn_server(url, env=small_chunks)
         status_url = kick_off(client, f"{base1}/$export")
         job_id = status_url.rsplit("=", 1)[1]

@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import orjson
 
+from conftest import AUTH
+
 SYSTEM = "urn:carebroker:test:bundle"
 
 
@@ -237,7 +239,7 @@ def test_concurrent_conditional_creates_in_transactions_make_one_resource(server
                       entry("POST", "Patient", patient(value), urn, ifNoneExist=f"identifier={SYSTEM}|{value}"),
                       entry("POST", "Encounter", encounter(urn)))
         barrier.wait()
-        resp = httpx.post(server_url, json=body, timeout=60)
+        resp = httpx.post(server_url, json=body, timeout=60, headers=AUTH)
         assert resp.status_code == 200, resp.text
         out = resp.json()
         statuses.append(out["entry"][0]["response"]["status"])
@@ -251,5 +253,5 @@ def test_concurrent_conditional_creates_in_transactions_make_one_resource(server
         t.join()
     assert sorted(statuses) == ["200 OK"] * 5 + ["201 Created"]
     assert len(patient_ids) == 1 and subjects == {f"Patient/{patient_ids.pop()}"}
-    found = httpx.get(f"{server_url}/Patient", params={"identifier": f"{SYSTEM}|{value}"}).json()
+    found = httpx.get(f"{server_url}/Patient", params={"identifier": f"{SYSTEM}|{value}"}, headers=AUTH).json()
     assert found["total"] == 1

@@ -15,6 +15,8 @@ from fhir_server.service.interactions import FhirService
 from fhir_server.storage.engine import alembic_config, create_engine, migrate
 from fhir_server.storage.repository import Store
 
+from conftest import AUTH
+
 
 def fresh_url(backends, backend: str, tmp_path) -> str:  # type: ignore[no-untyped-def]
     return f"sqlite:///{tmp_path / 'demo.db'}" if backend == "sqlite" else backends.pg_schema_url()
@@ -25,14 +27,14 @@ def test_serve_demo_loads_the_population_idempotently(backends, backend: str, tm
     base = backends.start_server(url, "--demo")
     expected = demo_resources()
     for res in random.Random(7).sample(expected, 60):
-        got = httpx.get(f"{base}/{res['resourceType']}/{res['id']}")
+        got = httpx.get(f"{base}/{res['resourceType']}/{res['id']}", headers=AUTH)
         assert got.status_code == 200, (res["resourceType"], res["id"])
         assert {k: v for k, v in got.json().items() if k != "meta"} == {k: v for k, v in res.items() if k != "meta"}
     patients = [r for r in expected if r["resourceType"] == "Patient"]
     assert len(patients) >= 45
     # a second --demo start (same database) changes nothing: no new versions
     base2 = backends.start_server(url, "--demo")
-    history = httpx.get(f"{base2}/_history", params={"_count": 1000}).json()
+    history = httpx.get(f"{base2}/_history", params={"_count": 1000}, headers=AUTH).json()
     assert {e["resource"]["meta"]["versionId"] for e in history["entry"]} == {"1"}
     assert len(history["entry"]) == min(len(expected), 1000)
 

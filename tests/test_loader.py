@@ -13,9 +13,10 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from fhir_server.api.http import create_app
-from fhir_server.config import Settings
 from fhir_server.storage.engine import create_engine
 from fhir_server.storage.schema import resource_version
+
+from conftest import AUTH, app_settings
 
 
 def run_load(url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -27,7 +28,7 @@ def run_load(url: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
 def fresh(backends, backend: str):  # type: ignore[no-untyped-def]
     url = backends.fresh_url(backend)
     engine = create_engine(url)
-    client = TestClient(create_app(Settings(), engine), base_url="http://testserver/fhir/")
+    client = TestClient(create_app(app_settings(), engine), base_url="http://testserver/fhir/", headers=AUTH)
     yield url, engine, client
     engine.dispose()
 

@@ -9,9 +9,11 @@ import pytest
 from fhirpy import SyncFHIRClient
 from fhirpy.base.exceptions import ResourceNotFound
 
+from conftest import AUTH
+
 
 def test_fhirpy_crud(server_url: str) -> None:
-    client = SyncFHIRClient(server_url)
+    client = SyncFHIRClient(server_url, authorization=AUTH["Authorization"])
     patient = client.resource("Patient", name=[{"family": "Nwosu", "given": ["Chidi"]}], gender="male",
                               identifier=[{"system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9434765919"}])
     patient.save()
@@ -28,7 +30,7 @@ def test_fhirpy_crud(server_url: str) -> None:
     fetched.delete()
     with pytest.raises(ResourceNotFound):
         client.reference("Patient", patient.id).to_resource()
-    assert httpx.get(f"{server_url}/Patient/{patient.id}").status_code == 410
+    assert httpx.get(f"{server_url}/Patient/{patient.id}", headers=AUTH).status_code == 410
 
 
 def test_no_lost_update_under_concurrent_writers(server_url: str) -> None:
@@ -36,14 +38,14 @@ def test_no_lost_update_under_concurrent_writers(server_url: str) -> None:
     survives in the final resource, and the version count equals the acknowledged writes."""
     pid = f"race-{uuid.uuid4().hex[:8]}"
     base = {"resourceType": "Patient", "id": pid, "identifier": []}
-    assert httpx.put(f"{server_url}/Patient/{pid}", json=base).status_code == 201
+    assert httpx.put(f"{server_url}/Patient/{pid}", json=base, headers=AUTH).status_code == 201
     writers, rounds = 6, 8
     acknowledged: list[str] = []
     conflicts = [0]
     lock = threading.Lock()
 
     def writer(n: int) -> None:
-        with httpx.Client(base_url=server_url, timeout=30) as http:
+        with httpx.Client(base_url=server_url, timeout=30, headers=AUTH) as http:
             done = 0
             while done < rounds:
                 current = http.get(f"/Patient/{pid}")
@@ -65,7 +67,7 @@ def test_no_lost_update_under_concurrent_writers(server_url: str) -> None:
         t.start()
     for t in threads:
         t.join()
-    final = httpx.get(f"{server_url}/Patient/{pid}").json()
+    final = httpx.get(f"{server_url}/Patient/{pid}", headers=AUTH).json()
     assert sorted(i["value"] for i in final["identifier"]) == sorted(acknowledged)
     assert len(acknowledged) == writers * rounds
     assert final["meta"]["versionId"] == str(1 + writers * rounds)
@@ -74,7 +76,7 @@ def test_no_lost_update_under_concurrent_writers(server_url: str) -> None:
 
 def test_concurrent_conditional_creates_make_one_resource(server_url: str) -> None:
     value = uuid.uuid4().hex
-    header = {"If-None-Exist": f"identifier=urn:cc|{value}"}
+    header = {"If-None-Exist": f"identifier=urn:cc|{value}", **AUTH}
     body = {"resourceType": "Patient", "identifier": [{"system": "urn:cc", "value": value}]}
     statuses: list[int] = []
     ids: set[str] = set()

@@ -39,9 +39,12 @@ Dispatch = Callable[[FhirRequest], FhirResponse]
 Entry = tuple[FhirRequest, str | None]  # an entry's request and its fullUrl
 
 
-def process_bundle(dispatch: Dispatch, service: FhirService, req: FhirRequest, bundle: Any) -> dict[str, Any]:
+def process_bundle(dispatch: Dispatch, service: FhirService, req: FhirRequest, bundle: Any,
+                   authorize: Callable[[FhirRequest], None] | None = None) -> dict[str, Any]:
     """The response Bundle for a batch or transaction. `dispatch` runs one entry's request and
-    raises FhirError if it fails: a transaction stops there, a batch records it and goes on."""
+    raises FhirError if it fails: a transaction stops there, a batch records it and goes on.
+    `authorize` raises (403) for an entry the caller's scopes do not allow: a transaction checks
+    every entry before it runs any, so one out-of-scope entry fails it whole, naming the entry."""
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise error(400, "invalid", "POST to the base takes a Bundle of type batch or transaction",
                     expression="resourceType")
@@ -54,6 +57,9 @@ def process_bundle(dispatch: Dispatch, service: FhirService, req: FhirRequest, b
         raise error(400, "structure", "Bundle.entry must be an array", expression="Bundle.entry")
     if kind == "transaction":
         entries = [_named(i, lambda: _entry(i, raw, req)) for i, raw in enumerate(raw_entries)]
+        if authorize is not None:
+            for i, (entry, _) in enumerate(entries):
+                _named(i, lambda: authorize(entry))
         responses = service.atomically(lambda: _transaction(dispatch, service, entries),
                                        weight=len(entries))
     else:
@@ -102,7 +108,7 @@ def _entry(i: int, raw: Any, outer: FhirRequest) -> Entry:
         resource = None
     full_url = raw.get("fullUrl") if isinstance(raw.get("fullUrl"), str) else None
     return FhirRequest("GET" if method == "HEAD" else method, path, parse_qsl(query, keep_blank_values=True),
-                       headers, body, outer.base_url, resource=resource), full_url
+                       headers, body, outer.base_url, resource=resource, principal=outer.principal), full_url
 
 
 def _patch_document(i: int, resource: Any) -> bytes:

@@ -24,8 +24,11 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from fhir_server.api.router import FhirRequest, FhirResponse, FhirRouter, outcome_response
+from fhir_server.auth.principal import Principal
 from fhir_server.auth.endpoints import auth_routes
 from fhir_server.auth.server import AuthServer
+from fhir_server.auth.resource_server import (InvalidToken, ResourceServer, bearer_token, builtin_issuer,
+                                              organization_finder)
 from fhir_server.config import Settings
 from fhir_server.outcome import Issue
 from fhir_server.service.export import ExportWorker
@@ -62,18 +65,36 @@ def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
     # The built-in authorization server (/auth) and SMART discovery, routed ahead of the /fhir mount.
     app.state.auth = AuthServer(router.service.store, settings.auth_key_file)
     app.router.routes.extend(auth_routes(app.state.auth, settings.public_base_url))
-    endpoint = FhirEndpoint(router, settings.public_base_url)
+    endpoint = FhirEndpoint(router, settings.public_base_url, resource_server(settings, router, app.state.auth))
     app.router.routes.append(Route(FHIR_BASE, endpoint))  # the base itself (system interactions)
     app.mount(FHIR_BASE, endpoint)
     return app
 
 
+def resource_server(settings: Settings, router: FhirRouter, auth: AuthServer) -> ResourceServer | None:
+    """Token checks for /fhir, on unless settings say otherwise (and then loudly): tokens of the
+    built-in authorization server (`auth`) and of the trusted issuers."""
+    if not settings.auth_enabled:
+        log.warning("AUTHENTICATION IS OFF: every /fhir request is served without a token, with full access. "
+                    "Never run like this with real data.")
+        return None
+    return ResourceServer(settings.trusted_issuers, builtin=builtin_issuer(auth), role_claim=settings.role_claim,
+                          refresh_interval=settings.jwks_refresh_interval,
+                          find_organization=organization_finder(router.service))
+
+
+# Served without a token: the CapabilityStatement and SMART discovery.
+OPEN_PATHS = frozenset({"metadata", ".well-known/smart-configuration"})
+REALM = 'Bearer realm="carebroker"'
+
+
 class FhirEndpoint:
     """The FHIR REST API as an ASGI app: translate HTTP to `FhirRequest` and back."""
 
-    def __init__(self, router: FhirRouter, public_base_url: str | None) -> None:
+    def __init__(self, router: FhirRouter, public_base_url: str | None, auth: ResourceServer | None = None) -> None:
         self.router = router
         self.public_base_url = public_base_url.rstrip("/") if public_base_url else None
+        self.auth = auth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = Headers(scope=scope)
@@ -85,9 +106,16 @@ class FhirEndpoint:
         method = scope["method"]
         root = scope.get("root_path") or FHIR_BASE  # empty when the base itself is requested
         path = scope["path"][len(root):] if scope["path"].startswith(root) else scope["path"]
+        base_url = self.public_base_url or _base_url(scope, headers, root)
+        principal = None
+        if self.auth is not None and path.strip("/") not in OPEN_PATHS:
+            principal, refused = await self._authenticate(headers, base_url)
+            if refused is not None:
+                await _send(send, refused, pretty=False)
+                return
         body = await _read_body(receive) if method in WITH_BODY else None
         req = FhirRequest(method=method, path=path, params=params, headers=headers, body=body,
-                          base_url=self.public_base_url or _base_url(scope, headers, root))
+                          base_url=base_url, principal=principal)
         try:
             if self.router.is_single_row_read(req):
                 resp = self.router.handle(req)
@@ -100,6 +128,28 @@ class FhirEndpoint:
             await _send_stream(receive, send, resp)
         else:
             await _send(send, resp, pretty=any(k == "_pretty" and v == "true" for k, v in params))
+
+    async def _authenticate(self, headers: Headers, base_url: str) -> tuple[Principal | None, FhirResponse | None]:
+        """The principal of the request's bearer token, or the 401 to send (RFC 6750: no error
+        code when there is no token at all; `invalid_token` when there is a bad one). A token seen
+        before is answered from the cache on the event loop; a new one is verified in the thread
+        pool (it may fetch a key set)."""
+        assert self.auth is not None
+        try:
+            token = bearer_token(headers.get("authorization"))
+            if token is None:
+                return None, outcome_response(401, [Issue("login", "This server needs an OAuth2 bearer token "
+                                                          "(Authorization: Bearer <token>)")],
+                                              {"WWW-Authenticate": REALM})
+            principal = self.auth.cached(token, base_url)
+            if principal is None:
+                principal = await run_in_threadpool(self.auth.authenticate, token, base_url)
+            return principal, None
+        except InvalidToken as exc:
+            reason = "".join(c for c in str(exc) if " " <= c <= "~" and c not in '"\\')[:200]
+            return None, outcome_response(401, [Issue("security", f"The access token was refused: {reason}")],
+                                          {"WWW-Authenticate": f'{REALM}, error="invalid_token", '
+                                                               f'error_description="{reason}"'})
 
 
 def _base_url(scope: Scope, headers: Headers, root: str) -> str:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import orjson
 
 from fhir_server.outcome import Issue, operation_outcome
+
+if TYPE_CHECKING:
+    from fhir_server.auth.principal import Principal
 
 FHIR_JSON = "application/fhir+json"
 JSON_PATCH = "application/json-patch+json"
@@ -32,6 +35,9 @@ class FhirRequest:
     # chose for a resource it creates (references to it were rewritten before it was written).
     resource: Any = None
     assigned_id: str | None = None
+    # Who asks (from the validated access token); None only when token checks are off. Bundle
+    # entries carry the Bundle's.
+    principal: Principal | None = None
 
     def param(self, name: str) -> str | None:
         return next((v for k, v in self.params if k == name), None)

@@ -17,11 +17,13 @@ import orjson
 
 from fhir_server import jsonfmt
 from conformance.capability import capability_statement
+from conformance.search_parameters import patient_compartment
 from conformance.validation import model_class, supported_resource_types
 from fhir_server.api.bundle import process_bundle
 from fhir_server.auth.discovery import rest_security
 from fhir_server.auth.urls import AuthUrls
 from fhir_server.api.messages import FHIR_JSON, JSON_PATCH, FhirRequest, FhirResponse, json_response, outcome_response
+from fhir_server.auth.access import Access, forbidden
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
 from fhir_server.search.params import UNITS
@@ -72,6 +74,11 @@ class FhirRouter:
             return outcome_response(exc.status, exc.issues, exc.headers)
 
     def _dispatch(self, req: FhirRequest) -> FhirResponse:
+        route, parts = self._route(req)
+        self._authorize(req, route, parts)
+        return route.handler(self, req, parts)
+
+    def _route(self, req: FhirRequest) -> tuple[Route, list[str]]:
         parts = [p for p in req.path.strip("/").split("/") if p]
         shape = _shape(parts)
         if shape.startswith("{type}") and parts[0] not in self.types:
@@ -83,10 +90,98 @@ class FhirRouter:
             if route.method == req.method:
                 if route.types is not None and parts[0] not in route.types:
                     raise error(404, "not-supported", f"{route.interaction} is not defined for {parts[0]}")
-                return route.handler(self, req, parts)
+                return route, parts
         allowed = ", ".join(sorted({r.method for r in candidates}))
         raise FhirError(405, [Issue("not-supported", f"{req.method} is not allowed here (allowed: {allowed})")],
                         headers={"Allow": allowed})
+
+    # -- authorization --------------------------------------------------------------------------
+    # The principal's SMART scopes decide which interactions it may use (403 otherwise); the
+    # service, restricted to the rows they reach, does the rest (patient compartments, granular
+    # scopes), inside its queries.
+
+    @staticmethod
+    def _access(req: FhirRequest, types: frozenset[str]) -> Access | None:
+        return Access(req.principal, types, req.base_url) if req.principal is not None else None
+
+    def _svc(self, req: FhirRequest) -> FhirService:
+        """The service as this request's principal may use it."""
+        return self.service.restricted(self._access(req, self.types))
+
+    def _authorize_entry(self, req: FhirRequest) -> None:
+        """A Bundle entry's interaction-level check, before a transaction runs any entry."""
+        route, parts = self._route(req)
+        self._authorize(req, route, parts)
+
+    def _authorize(self, req: FhirRequest, route: Route, parts: list[str]) -> None:
+        """403 unless the principal's scopes allow this interaction on its type(s)."""
+        access = self._access(req, self.types)
+        kind = route.interaction
+        if access is None or kind in ("capabilities", "transaction", "batch"):
+            return  # a Bundle's entries are checked one by one
+        rtype = parts[0] if route.shape.startswith("{type}") else ""
+        conditional = route.level == "type"
+        if kind in ("read", "vread", "history-instance"):
+            access.require("r", rtype)
+        elif kind == "search-type":
+            target = parts[2] if route.level == "compartment" else rtype
+            if target in self.types:  # an unknown one is the handler's 404
+                access.require("s", target)
+        elif kind == "history-type":
+            access.require("s", rtype)
+        elif kind in ("search-system", "history-system"):
+            self._require_types(req, access, "s")
+        elif kind == "create":
+            access.require("cs" if req.headers.get("if-none-exist") else "c", rtype)
+        elif kind in ("update", "patch"):
+            access.require("us" if conditional else "u", rtype)
+        elif kind == "delete":
+            access.require("ds" if conditional else "d", rtype)
+        elif kind == "$everything":
+            access.require("s", "Patient")
+            self._require_types(req, access, "s")
+        elif kind == "$validate":
+            access.require_any("rcu", rtype)
+        elif kind == "$export":
+            self._authorize_export(req, access, route, parts)
+        else:
+            raise forbidden(f"{kind} is not covered by SMART scopes here")
+
+    def _require_types(self, req: FhirRequest, access: Access, permission: str) -> None:
+        """Every type `_type` names must be allowed; without `_type`, at least one (the others
+        are left out of the search)."""
+        raw = req.param("_type")
+        if raw:
+            for t in (t.strip() for t in raw.split(",")):
+                if t in self.types:
+                    access.require(permission, t)
+        elif not access.permitted_types(permission, self.types):
+            raise forbidden("The access token allows no resource type to be searched")
+
+    def _authorize_export(self, req: FhirRequest, access: Access, route: Route, parts: list[str]) -> None:
+        """Bulk Data: `system/` or `user/` read scopes (v1 `.read`, v2 `.rs`) for each exported type;
+        `patient/` scopes do not export. Status, files and cancel need some such scope too."""
+        if route.handler in (FhirRouter.export_status, FhirRouter.export_cancel, FhirRouter.export_file):
+            if not access.permitted_types("r", self.types, bulk=True):
+                raise forbidden("Bulk Data needs system/ or user/ read scopes")
+            return
+        if route.level == "instance":
+            access.require("r", "Group", bulk=True)
+        raw = req.param("_type")
+        if raw:
+            for t in (t.strip() for t in raw.split(",") if t.strip()):
+                if t in self.types:
+                    access.require("rs", t, bulk=True)
+        elif not self._export_types(req, route.level):
+            raise forbidden("The access token allows no resource type to be exported (system/ or user/ read scopes)")
+
+    def _export_types(self, req: FhirRequest, level: str) -> list[str]:
+        """The types an export without `_type` holds: those the principal may bulk-read."""
+        access = self._access(req, self.types)
+        candidates = self.types if level == "system" else frozenset(patient_compartment()) & self.types
+        if access is None:
+            return sorted(candidates)
+        return [t for t in sorted(candidates) if access.permits("r", t, bulk=True) and access.permits("s", t, bulk=True)]
 
     # -- handlers -------------------------------------------------------------------------------
 
@@ -96,7 +191,7 @@ class FhirRouter:
                                                        rest_security(AuthUrls.for_fhir_base(req.base_url))))
 
     def read(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        version = self.service.read(parts[0], parts[1])
+        version = self._svc(req).read(parts[0], parts[1])
         if (tag := req.headers.get("if-none-match")) and _etag_matches(tag, version.version_id):
             return FhirResponse(304, None, _version_headers(req, version))
         if (since := req.headers.get("if-modified-since")) and (when := parse_http_date(since)) is not None:
@@ -105,7 +200,7 @@ class FhirRouter:
         return self._resource_response(200, req, version, location=False)
 
     def vread(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._resource_response(200, req, self.service.vread(parts[0], parts[1], parts[3]), location=False)
+        return self._resource_response(200, req, self._svc(req).vread(parts[0], parts[1], parts[3]), location=False)
 
     # Bulk Data export (IG v2): a kick-off answers with a status URL; the status URL, once the job
     # is done, with a manifest of file URLs. The work is done by service/export.py's worker.
@@ -123,6 +218,8 @@ class FhirRouter:
         if req.prefer("respond-async") is None:
             raise error(400, "not-supported", "$export runs asynchronously: send 'Prefer: respond-async'")
         request = f"{req.base_url}/{req.path.strip('/')}" + (f"?{req.query}" if req.params else "")
+        if req.principal is not None and not req.param("_type"):  # only the types the token may export
+            req = replace(req, params=[*req.params, ("_type", ",".join(self._export_types(req, level)))])
         job_id = self.exports.kick_off(level, group_id, req.params, request, req.prefer("handling") == "lenient")
         status_url = f"{req.base_url}/$export-poll-status?{urlencode({'_jobId': job_id})}"
         return outcome_response(202, [Issue("informational", f"Export started; its status is at {status_url}",
@@ -134,7 +231,7 @@ class FhirRouter:
             return outcome_response(500, [Issue("exception", f"The export failed: {job.error}")])
         if job.status != "completed":
             return FhirResponse(202, None, {"X-Progress": export_progress(job), "Retry-After": "2"})
-        return json_response(200, export_manifest(job, files, req.base_url),
+        return json_response(200, export_manifest(job, files, req.base_url, req.principal is not None),
                              {"Content-Type": "application/json", "Expires": to_http_date(job.expires)})
 
     def export_cancel(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
@@ -152,30 +249,30 @@ class FhirRouter:
     def create(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         if req.query and any(k not in ("_format", "_pretty") for k, _ in req.params):
             raise error(400, "not-supported", "POST to a type takes no search parameters (use If-None-Exist)")
-        result = self.service.create(parts[0], self._body(req), req.headers.get("if-none-exist"), req.assigned_id)
+        result = self._svc(req).create(parts[0], self._body(req), req.headers.get("if-none-exist"), req.assigned_id)
         return self._write_response(req, result)
 
     def update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._write_response(req, self.service.update(parts[0], parts[1], self._body(req),
+        return self._write_response(req, self._svc(req).update(parts[0], parts[1], self._body(req),
                                                              req.headers.get("if-match")))
 
     def conditional_update(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._write_response(req, self.service.conditional_update(
+        return self._write_response(req, self._svc(req).conditional_update(
             parts[0], self._criteria(req), self._body(req), req.headers.get("if-match"), req.assigned_id))
 
     def patch(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._write_response(req, self.service.patch(parts[0], parts[1], self._patch_body(req),
+        return self._write_response(req, self._svc(req).patch(parts[0], parts[1], self._patch_body(req),
                                                             req.headers.get("if-match")))
 
     def conditional_patch(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._write_response(req, self.service.conditional_patch(
+        return self._write_response(req, self._svc(req).conditional_patch(
             parts[0], self._criteria(req), self._patch_body(req), req.headers.get("if-match")))
 
     def delete(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._delete_response(self.service.delete(parts[0], parts[1], req.headers.get("if-match")))
+        return self._delete_response(self._svc(req).delete(parts[0], parts[1], req.headers.get("if-match")))
 
     def conditional_delete(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        return self._delete_response(self.service.conditional_delete(parts[0], self._criteria(req)))
+        return self._delete_response(self._svc(req).conditional_delete(parts[0], self._criteria(req)))
 
     def search_type(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._search(req, (parts[0],))
@@ -199,7 +296,8 @@ class FhirRouter:
 
     def bundle(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         """POST [base]: a batch or transaction Bundle, whose entries come back through this router."""
-        return json_response(200, process_bundle(self._dispatch, self.service, req, self._body(req)))
+        return json_response(200, process_bundle(self._dispatch, self._svc(req), req, self._body(req),
+                                                 authorize=self._authorize_entry))
 
     def history_instance(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         return self._history(req, parts[0], parts[1])
@@ -226,7 +324,7 @@ class FhirRouter:
             ids = [i.strip() for k, v in req.params if k == "_id" for i in v.split(",") if i.strip()]
             patients = ids or None
         since = parse_instant(s, "_since") if (s := req.param("_since")) else None
-        page, members, referenced = self.service.everything(patients, self._system_types(req), since,
+        page, members, referenced = self._svc(req).everything(patients, self._system_types(req), since,
                                                             self._page_size(req), req.param("_cursor"))
         return json_response(200, search_bundle(req, page, members, referenced, ignored, None, []))
 
@@ -246,12 +344,12 @@ class FhirRouter:
         mode, profile = req.param("mode"), req.param("profile")
         if mode != "delete":
             if resource is None and req.method == "GET" and rid is not None:
-                stored = self.service.read(parts[0], rid)
+                stored = self._svc(req).read(parts[0], rid)
                 assert stored.content is not None  # a deletion is a 410 from read()
                 resource = jsonfmt.loads(stored.content)
             elif resource is None:
                 raise error(400, "required", "$validate needs a resource (the body, or a Parameters 'resource')")
-        issues = self.service.validate(parts[0], rid, resource, mode, profile)
+        issues = self._svc(req).validate(parts[0], rid, resource, mode, profile)
         return outcome_response(200, issues or [Issue("informational", "Validation found no issues",
                                                       severity="information")])
 
@@ -260,7 +358,8 @@ class FhirRouter:
     def _system_types(self, req: FhirRequest) -> tuple[str, ...]:
         raw = req.param("_type")
         if not raw:
-            return tuple(sorted(self.types))
+            access = self._access(req, self.types)
+            return tuple(sorted(self.types)) if access is None else access.permitted_types("s", sorted(self.types))
         types = tuple(t.strip() for t in raw.split(",") if t.strip())
         unknown = [t for t in types if t not in self.types]
         if unknown:
@@ -276,7 +375,7 @@ class FhirRouter:
         if total_mode not in ("none", "estimate", "accurate"):
             raise error(400, "invalid", f"Parameter '_total': '{total_mode}' is not none, estimate or accurate")
         count = 0 if summary == "count" else self._page_size(req)
-        page, matches, included, ignored = self.service.search(
+        page, matches, included, ignored = self._svc(req).search(
             types, req.params, strict=strict, base_url=req.base_url, count=count, cursor=req.param("_cursor"),
             want_total=summary == "count" or total_mode != "none", compartment=compartment)
         elements = [e.strip() for e in (req.param("_elements") or "").split(",") if e.strip()]
@@ -287,7 +386,7 @@ class FhirRouter:
         count = max(1, self._page_size(req))
         before = _cursor(req.param("_before"), "_before")
         after = _cursor(req.param("_after"), "_after")
-        page = self.service.history(rtype, rid, since, count, before, after)
+        page = self._svc(req).history(rtype, rid, since, count, before, after)
         return json_response(200, history_bundle(req, page))
 
     def _page_size(self, req: FhirRequest) -> int:

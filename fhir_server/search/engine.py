@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from urllib.parse import parse_qsl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,10 @@ RESULT_PARAMETERS = frozenset({
 })
 MAX_CHAIN_DEPTH = 4
 MAX_INCLUDE_ITERATIONS = 4
+# A caller's access policy as the engine sees it: (alias of the resource table, type or None for
+# any) -> the condition on the rows it may reach, None for all. Applied to the rows chains, `_has`
+# and includes reach, as the caller applies it to the matches.
+Reach = Callable[[sa.FromClause, "str | None"], "sa.ColumnElement[bool] | None"]
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,10 @@ class Search:
 
 
 def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: bool, base_url: str,
-                 r: sa.FromClause = resource) -> Search:
+                 r: sa.FromClause = resource, reach: Reach | None = None) -> Search:
     """Parse search parameters for `types` into conditions on `r`. Unknown parameters are ignored
-    (and reported) unless `strict`; malformed values are always a 400 naming the parameter."""
+    (and reported) unless `strict`; malformed values are always a 400 naming the parameter.
+    `reach`: the caller's policy, applied to the resources chains and `_has` look at."""
     search = Search(types)
     ranges = _date_ranges(types, params)
     for name, raw in params:
@@ -71,7 +76,7 @@ def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: 
                 search.conditions.append(DateUnit(for_type(types[0])[name], types[0], None, name)
                                          .clause_and(r, ranges[name]))
             continue
-        cond = condition(types, name, raw, r, base_url, strict)
+        cond = condition(types, name, raw, r, base_url, strict, reach=reach)
         if cond is None:
             search.ignored.append(name)
             continue
@@ -102,7 +107,7 @@ def _date_ranges(types: tuple[str, ...], params: list[tuple[str, str]]) -> dict[
 
 
 def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, base_url: str,
-              strict: bool, depth: int = 0) -> sa.ColumnElement[bool] | None:
+              strict: bool, depth: int = 0, reach: Reach | None = None) -> sa.ColumnElement[bool] | None:
     """The condition for one parameter over the given types (ORed across types), or None if unknown."""
     if depth > MAX_CHAIN_DEPTH:
         raise error(400, "too-costly", f"'{name}': chains are limited to {MAX_CHAIN_DEPTH} levels")
@@ -114,7 +119,7 @@ def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, bas
         return unit.clause(r, raw)
     per_type = []
     for rtype in types:
-        cond = _type_condition(rtype, name, raw, r, base_url, strict, depth)
+        cond = _type_condition(rtype, name, raw, r, base_url, strict, depth, reach)
         if cond is not None:
             per_type.append(cond if len(types) == 1 else sa.and_(r.c.type == rtype, cond))
     if not per_type:
@@ -125,16 +130,16 @@ def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, bas
 
 
 def _type_condition(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, strict: bool,
-                    depth: int) -> sa.ColumnElement[bool] | None:
+                    depth: int, reach: Reach | None = None) -> sa.ColumnElement[bool] | None:
     if name.startswith("_has:"):
-        return _has(rtype, name, raw, r, base_url, strict, depth)
+        return _has(rtype, name, raw, r, base_url, strict, depth, reach)
     head, dot, rest = name.partition(".")
     code, _, modifier = head.partition(":")
     param = for_type(rtype).get(code)
     if param is None:
         return None
     if dot:
-        return _chain(rtype, param, modifier or None, rest, raw, r, base_url, strict, depth, name)
+        return _chain(rtype, param, modifier or None, rest, raw, r, base_url, strict, depth, name, reach)
     unit = make_unit(param, rtype, modifier or None, name)
     if isinstance(unit, ReferenceUnit):
         raw = ",".join(_relative(v, base_url) for v in split_escaped(raw, ","))
@@ -159,7 +164,8 @@ def _relative(value: str, base_url: str) -> str:
 
 
 def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: str, raw: str,
-           r: sa.FromClause, base_url: str, strict: bool, depth: int, name: str) -> sa.ColumnElement[bool]:
+           r: sa.FromClause, base_url: str, strict: bool, depth: int, name: str,
+           reach: Reach | None = None) -> sa.ColumnElement[bool]:
     """`subject:Patient.name=x`: resources whose reference points to a resource matching `name=x`."""
     if param.type != "reference":
         raise error(400, "invalid", f"'{name}': only reference parameters can be chained")
@@ -168,10 +174,12 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
     ors = []
     for target in targets:
         inner_r = resource.alias()
-        inner = condition((target,), rest, raw, inner_r, base_url, False, depth + 1)
+        inner = condition((target,), rest, raw, inner_r, base_url, False, depth + 1, reach)
         if inner is None:
             continue
         matching_ids = sa.select(inner_r.c.id).where(inner_r.c.type == target, inner_r.c.deleted.is_(False), inner)
+        if reach is not None and (allowed := reach(inner_r, target)) is not None:
+            matching_ids = matching_ids.where(allowed)
         ors.append(sa.and_(sr.c.target_type == target, sr.c.target_id.in_(matching_ids)))
     if not ors:
         raise error(400, "not-supported", f"'{name}': no target type of '{param.code}' has a parameter "
@@ -181,7 +189,7 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
 
 
 def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, strict: bool,
-         depth: int) -> sa.ColumnElement[bool]:
+         depth: int, reach: Reach | None = None) -> sa.ColumnElement[bool]:
     """`_has:CareTeam:patient:participant=X`: resources referred to (by CareTeam.patient) from a
     CareTeam matching `participant=X`. The referring type passes the same rules as a direct search."""
     parts = name.split(":", 3)
@@ -192,9 +200,11 @@ def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, stric
     if ref is None or ref.type != "reference":
         raise error(400, "invalid", f"'{name}': {source} has no reference parameter '{ref_code}'")
     src = resource.alias()
-    inner = condition((source,), rest, raw, src, base_url, True, depth + 1)
+    inner = condition((source,), rest, raw, src, base_url, True, depth + 1, reach)
     sr = search_reference.alias()
     referrers = sa.select(src.c.pk).where(src.c.type == source, src.c.deleted.is_(False), inner)
+    if reach is not None and (allowed := reach(src, source)) is not None:
+        referrers = referrers.where(allowed)
     return r.c.id.in_(sa.select(sr.c.target_id).where(
         sr.c.type == source, sr.c.param == ref_code, sr.c.target_type == rtype, sr.c.resource_pk.in_(referrers)))
 
@@ -321,8 +331,9 @@ def _nulls_last(expr: sa.ColumnElement[Any], param_type: str, desc: bool) -> sa.
 
 
 def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement[bool]], count: int,
-               cursor: str | None, want_total: bool, r: sa.FromClause = resource) -> Page:
-    """Execute: filter, sort, keyset-page, count (same WHERE as the page), then includes."""
+               cursor: str | None, want_total: bool, r: sa.FromClause = resource, reach: Reach | None = None) -> Page:
+    """Execute: filter, sort, keyset-page, count (same WHERE as the page), then includes (only
+    those within `reach`, the caller's policy, as `extra` holds it for the matches)."""
     where = [r.c.deleted.is_(False), *search.conditions, *extra]
     where.append(r.c.type == search.types[0] if len(search.types) == 1 else r.c.type.in_(search.types))
     keys: list[tuple[sa.ColumnElement[Any], bool]] = []
@@ -358,7 +369,7 @@ def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement
     if want_total:
         total = int(conn.execute(sa.select(sa.func.count()).select_from(r).where(*where)).scalar_one())
     pks = [int(row[-1]) for row in rows]
-    included = find_includes(conn, pks, search) if pks and (search.includes or search.revincludes) else []
+    included = find_includes(conn, pks, search, reach) if pks and (search.includes or search.revincludes) else []
     return Page(pks, total, next_cursor, prev_cursor, included)
 
 
@@ -373,8 +384,8 @@ def _seek(cols: list[Any], directions: list[bool], values: list[Any], backwards:
     return sa.or_(*ors)
 
 
-def find_includes(conn: sa.Connection, match_pks: list[int], search: Search) -> list[int]:
-    """pks of `_include`d and `_revinclude`d resources (live only), iterating where asked."""
+def find_includes(conn: sa.Connection, match_pks: list[int], search: Search, reach: Reach | None = None) -> list[int]:
+    """pks of `_include`d and `_revinclude`d resources (live only, within `reach`), iterating where asked."""
     seen = set(match_pks)
     found: list[int] = []
     frontier = list(match_pks)
@@ -385,29 +396,33 @@ def find_includes(conn: sa.Connection, match_pks: list[int], search: Search) -> 
             break
         new: list[int] = []
         for inc in includes:
-            new.extend(conn.execute(_include_query(frontier, inc)).scalars())
+            new.extend(conn.execute(_include_query(frontier, inc, reach)).scalars())
         for inc in revincludes:
-            new.extend(conn.execute(_revinclude_query(frontier, inc)).scalars())
+            new.extend(conn.execute(_revinclude_query(frontier, inc, reach)).scalars())
         frontier = [pk for pk in dict.fromkeys(new) if pk not in seen]
         seen.update(frontier)
         found.extend(frontier)
     return found
 
 
-def _include_query(source_pks: list[int], inc: Include) -> sa.Select[Any]:
+def _include_query(source_pks: list[int], inc: Include, reach: Reach | None = None) -> sa.Select[Any]:
     sr, target = search_reference.alias(), resource.alias()
     q = (sa.select(target.c.pk).select_from(sr.join(target, sa.and_(
         target.c.type == sr.c.target_type, target.c.id == sr.c.target_id)))
         .where(sr.c.resource_pk.in_(source_pks), target.c.deleted.is_(False)))
+    if reach is not None and (allowed := reach(target, inc.target_type)) is not None:
+        q = q.where(allowed)
     return _narrowed(q, sr, inc)
 
 
-def _revinclude_query(target_pks: list[int], inc: Include) -> sa.Select[Any]:
+def _revinclude_query(target_pks: list[int], inc: Include, reach: Reach | None = None) -> sa.Select[Any]:
     sr, source, target = search_reference.alias(), resource.alias(), resource.alias()
     q = (sa.select(source.c.pk).select_from(
         sr.join(target, sa.and_(target.c.type == sr.c.target_type, target.c.id == sr.c.target_id))
         .join(source, source.c.pk == sr.c.resource_pk))
         .where(target.c.pk.in_(target_pks), source.c.deleted.is_(False)))
+    if reach is not None and (allowed := reach(source, None if inc.source_type == "*" else inc.source_type)) is not None:
+        q = q.where(allowed)
     return _narrowed(q, sr, inc)
 
 
@@ -422,14 +437,16 @@ def _narrowed(q: sa.Select[Any], sr: sa.FromClause, inc: Include) -> sa.Select[A
     return q
 
 
-def conditional_matches(conn: sa.Connection, rtype: str, query: str, limit: int = 2) -> list[int]:
+def conditional_matches(conn: sa.Connection, rtype: str, query: str, limit: int = 2,
+                        extra: Iterable[sa.ColumnElement[bool]] = ()) -> list[int]:
     """pks of live resources matching a conditional URL's criteria (at most `limit`: callers need
-    0/1/many). Unknown parameters are errors here: ignoring one would widen the match."""
+    0/1/many), and `extra` (a caller's policy). Unknown parameters are errors here: ignoring one
+    would widen the match."""
     params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.split(":", 1)[0] not in RESULT_PARAMETERS]
     if not params:
         raise error(400, "invalid", "A conditional operation needs at least one search criterion")
     search = parse_search((rtype,), params, True, "")
-    where = [resource.c.type == rtype, resource.c.deleted.is_(False), *search.conditions]
+    where = [resource.c.type == rtype, resource.c.deleted.is_(False), *search.conditions, *extra]
     return list(conn.execute(sa.select(resource.c.pk).where(*where).limit(limit)).scalars())
 
 

@@ -245,12 +245,13 @@ def export_progress(job: Job) -> str:
     return f"{job.exported} resources exported{where}"
 
 
-def export_manifest(job: Job, files: list[ExportFile], base_url: str) -> dict[str, Any]:
-    """The completed job's manifest (Bulk Data IG v2), with absolute file URLs under `base_url`."""
+def export_manifest(job: Job, files: list[ExportFile], base_url: str, requires_token: bool = True) -> dict[str, Any]:
+    """The completed job's manifest (Bulk Data IG v2), with absolute file URLs under `base_url`;
+    the files need the bearer token every /fhir request needs (unless token checks are off)."""
     return {
         "transactionTime": to_instant(job.transaction_time),
         "request": job.request,
-        "requiresAccessToken": False,
+        "requiresAccessToken": requires_token,
         "output": [{"type": f.type, "url": f"{base_url}/$export-file?{urlencode({'_jobId': job.id, '_file': f.number})}",
                     "count": f.count} for f in files],
         "error": [],

@@ -6,11 +6,12 @@ plus a search inside the same transaction.
 """
 from __future__ import annotations
 
+import copy
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import jsonpatch
 import sqlalchemy as sa
@@ -63,22 +64,77 @@ def parse_etag(value: str) -> int:
     return int(raw)
 
 
+class RowPolicy(Protocol):
+    """Which rows a caller may reach (the auth layer's `Access`): a condition on a resource table
+    alias for the rows of `types` (None: any type) that a permission letter (`cruds`) reaches, None
+    when it reaches them all; and the one patient every grant is bound to, if so."""
+
+    def where(self, permission: str, types: Sequence[str] | None,
+              r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
+
+    def pinned_patient(self) -> str | None: ...
+
+
 class FhirService:
     """create, read, vread, update, patch, delete, history and their conditional forms."""
 
+    policy: RowPolicy | None = None  # None: every row (internal callers, or no token checks)
+
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    def restricted(self, policy: RowPolicy | None) -> "FhirService":
+        """The same service, every interaction of it kept to the rows `policy` allows: conditions
+        in the queries themselves (so pages and totals count only those), checks on single reads
+        and on what writes leave behind."""
+        if policy is None:
+            return self
+        view = copy.copy(self)
+        view.policy = policy
+        return view
+
+    def _where(self, permission: str, types: Sequence[str] | None,
+               r: sa.FromClause = resource) -> sa.ColumnElement[bool] | None:
+        return self.policy.where(permission, types, r) if self.policy is not None else None
+
+    def _search_reach(self, r: sa.FromClause, rtype: str | None) -> sa.ColumnElement[bool] | None:
+        """For the search engine: the rows of `rtype` (None: any type) a search may reach through
+        `r` (chains, `_has`, `_include`/`_revinclude`)."""
+        return self._where("s", (rtype,) if rtype else None, r)
+
+    def _reachable(self, conn: sa.Connection, permission: str, rtype: str, rid: str) -> bool:
+        """Whether the live resource `rtype/rid` is among the rows `permission` reaches."""
+        cond = self._where(permission, (rtype,))
+        if cond is None:
+            return True
+        return conn.execute(sa.select(resource.c.pk).where(
+            resource.c.type == rtype, resource.c.id == rid, resource.c.deleted.is_(False), cond)).first() is not None
+
+    def _check_readable(self, conn: sa.Connection, rtype: str, rid: str) -> None:
+        """A read outside the token's reach is a 404, as for a resource that does not exist: the
+        answer must not tell another patient's record exists."""
+        if not self._reachable(conn, "r", rtype, rid):
+            raise error(404, "not-found", f"{rtype}/{rid} is not known")
+
+    def _check_writable(self, conn: sa.Connection, permission: str, rtype: str, rid: str, after: bool) -> None:
+        if not self._reachable(conn, permission, rtype, rid):
+            what = "would be" if after else "is"
+            raise FhirError(403, [Issue("forbidden", f"{rtype}/{rid} {what} outside what the access token may "
+                                        f"{'create' if permission == 'c' else 'update' if permission == 'u' else 'delete'}")],
+                            headers={"WWW-Authenticate": 'Bearer realm="carebroker", error="insufficient_scope"'})
 
     # -- reads ----------------------------------------------------------------------------------
 
     def read(self, rtype: str, rid: str) -> Version:
         with self.store.single_read() as conn:
+            self._check_readable(conn, rtype, rid)
             return _live(self.store.current(conn, rtype, rid), rtype, rid)
 
     def vread(self, rtype: str, rid: str, vid: str) -> Version:
         if not vid.isdigit():
             raise error(404, "not-found", f"{rtype}/{rid} has no version '{vid}'")
         with self.store.single_read() as conn:
+            self._check_readable(conn, rtype, rid)
             found = self.store.version(conn, rtype, rid, int(vid))
         if found is None:
             raise error(404, "not-found", f"{rtype}/{rid} has no version {vid}")
@@ -91,7 +147,12 @@ class FhirService:
         with self.store.reading() as conn:
             if rtype and rid and self.store.head(conn, rtype, rid) is None:
                 raise error(404, "not-found", f"{rtype}/{rid} is not known")
-            rows = self.store.history(conn, rtype, rid, since, before_seq, after_seq, count + 1)
+            extra = []
+            if rtype and rid:
+                self._check_readable(conn, rtype, rid)
+            elif (cond := self._where("s", (rtype,) if rtype else None)) is not None:
+                extra.append(sa.select(resource.c.pk).where(cond))
+            rows = self.store.history(conn, rtype, rid, since, before_seq, after_seq, count + 1, *extra)
             total = self.store.count_history(conn, rtype, rid, since) if rtype and rid else None
         more = len(rows) > count
         if after_seq is not None:  # paging backwards: the extra row is the oldest, at the end
@@ -102,10 +163,13 @@ class FhirService:
                count: int, cursor: str | None, want_total: bool,
                compartment: str | None = None) -> tuple[Page, list[Version], list[Version], list[str]]:
         """Run a search in one snapshot: (page, matches in order, included resources, ignored parameters)."""
-        search = parse_search(types, params, strict, base_url)
+        reach = self._search_reach if self.policy is not None else None
+        search = parse_search(types, params, strict, base_url, reach=reach)
         extra = [compartment_condition(types[0], compartment, resource)] if compartment else []
+        if (cond := self._where("s", types)) is not None:
+            extra.append(cond)
         with self.store.reading() as conn:
-            page = run_search(conn, search, extra, count, cursor, want_total)
+            page = run_search(conn, search, extra, count, cursor, want_total, reach=reach)
             matches = self.store.current_by_pks(conn, page.pks)
             included = self.store.current_by_pks(conn, page.included)
         return page, matches, included, search.ignored
@@ -115,10 +179,17 @@ class FhirService:
         """Patient `$everything`, one page in one snapshot: (page, the patients and their compartments'
         resources, the resources those refer to). `patients` None: every patient; a named one that is
         unknown is a 404, a deleted one a 410, as for a read."""
+        extra = []
+        if self.policy is not None:
+            if patients is None and (pinned := self.policy.pinned_patient()) is not None:
+                patients = [pinned]
+            if (cond := self._where("s", types)) is not None:
+                extra.append(cond)
         with self.store.reading() as conn:
             for pid in patients or ():
+                self._check_readable(conn, "Patient", pid)
                 _live(self.store.head(conn, "Patient", pid), "Patient", pid)
-            page = run_search(conn, everything_search(patients, types, since), [], count, cursor, want_total=True)
+            page = run_search(conn, everything_search(patients, types, since), extra, count, cursor, want_total=True)
             found = self.store.current_by_pks(conn, page.pks)
         compartment_types = patient_compartment()
         return (page, [v for v in found if v.type in compartment_types],
@@ -210,7 +281,8 @@ class FhirService:
     def _conditional_pks(self, conn: sa.Connection, rtype: str, query: str, lock: bool) -> list[int]:
         if lock:
             self.store.lock_key(conn, f"{rtype}?{query}")
-        return conditional_matches(conn, rtype, query)
+        cond = self._where("s", (rtype,))
+        return conditional_matches(conn, rtype, query, extra=() if cond is None else (cond,))
 
     def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None = None) -> Result:
         check_id(rid)
@@ -259,7 +331,7 @@ class FhirService:
         expected = parse_etag(if_match) if if_match else None
 
         def tx(conn: sa.Connection) -> Result:
-            found = conditional_matches(conn, rtype, query)
+            found = self._conditional_pks(conn, rtype, query, lock=False)
             if len(found) != 1:
                 raise error(404 if not found else 412, "not-found" if not found else "multiple-matches",
                             f"'{query}' matches {'no' if not found else 'more than one'} {rtype}")
@@ -280,7 +352,7 @@ class FhirService:
 
     def conditional_delete(self, rtype: str, query: str) -> Result:
         def tx(conn: sa.Connection) -> Result:
-            found = conditional_matches(conn, rtype, query)
+            found = self._conditional_pks(conn, rtype, query, lock=False)
             if len(found) > 1:
                 raise error(412, "multiple-matches", f"'{query}' matches more than one {rtype}; nothing deleted")
             if not found:
@@ -305,6 +377,7 @@ class FhirService:
             raise error(412, "conflict", f"If-Match W/\"{expected}\" does not match the current version of "
                         f"{rtype}/{rid} ({head.version_id if head else 'none'})")
         if head is not None and not head.deleted:
+            self._check_writable(conn, "u", rtype, rid, after=False)
             current = self.store.current(conn, rtype, rid)
             if current is not None and current.content is not None and _same_content(current.content, body):
                 return Result(200, current, [Issue("informational", "No change: no new version was created",
@@ -336,6 +409,7 @@ class FhirService:
         if head.deleted:
             return Result(204, None, [Issue("informational", f"{rtype}/{rid} was already deleted",
                                             severity="information")])
+        self._check_writable(conn, "d", rtype, rid, after=False)
         version = self.store.write(conn, head, rtype, rid, head.version_id + 1,
                                    max(now_us(), head.last_updated), "DELETE", None)
         return Result(204, version)
@@ -350,8 +424,11 @@ class FhirService:
         version_id = 1 if head is None else head.version_id + 1
         stamp = now_us() if head is None else max(now_us(), head.last_updated)
         stored = _stored_form(body, rtype, rid, version_id, stamp)
-        return self.store.write(conn, head, rtype, rid, version_id, stamp, method,
-                                jsonfmt.dumps(stored).decode(), index if index is not None else index_resource(stored))
+        version = self.store.write(conn, head, rtype, rid, version_id, stamp, method,
+                                   jsonfmt.dumps(stored).decode(), index if index is not None else index_resource(stored))
+        if self.policy is not None:  # what was written must be within reach (else the whole write rolls back)
+            self._check_writable(conn, "c" if head is None or head.deleted else "u", rtype, rid, after=True)
+        return version
 
     def bulk_put(self, resources: list[dict[str, Any]], validate: bool = True) -> int:
         """Store a batch of resources with client ids in one transaction (the loader's fast path):

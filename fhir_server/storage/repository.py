@@ -159,11 +159,15 @@ class Store:
         return Head(*row) if row else None
 
     def history(self, conn: sa.Connection, rtype: str | None, rid: str | None, since: int | None,
-                before_seq: int | None, after_seq: int | None, limit: int) -> list[Version]:
+                before_seq: int | None, after_seq: int | None, limit: int,
+                *within: sa.Select[Any]) -> list[Version]:
         """Versions newest first; keyset-paged by `seq` so pages stay stable while others write.
-        `after_seq` pages backwards (towards newer versions)."""
+        `after_seq` pages backwards (towards newer versions). `within`: queries of resource pks the
+        versions must belong to (a caller's access policy)."""
         c = resource_version.c
         q = sa.select(c.type, c.id, c.version_id, c.last_updated, c.method, c.content, c.seq)
+        for pks in within:
+            q = q.where(c.resource_pk.in_(pks))
         if rtype is not None:
             q = q.where(c.type == rtype)
         if rid is not None:
