@@ -64,6 +64,15 @@ class Access:
         self.types = types
         self.base_url = base_url
 
+    @property
+    def reaches_every_row(self) -> bool:
+        """Whether every permission the scopes grant at all is granted on every row of every type
+        (`system/*.*`, `user/*.rs`, ...): then no row conditions are needed anywhere (an interaction
+        the scopes do not grant is refused before it reaches a row)."""
+        granted = {p for s in self.principal.scopes for p in s.permissions}
+        return all(any(s.resource_type == "*" and s.context != "patient" and not s.query and p in s.permissions
+                       for s in self.principal.scopes) for p in granted)
+
     # -- interaction level --------------------------------------------------------------------------
 
     def grants(self, permission: str, rtype: str, bulk: bool = False) -> list[_Grant]:
