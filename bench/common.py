@@ -480,11 +480,13 @@ class Server(NamedTuple):
 
 @contextlib.contextmanager
 def server(url: str, workers: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """`carebroker serve` on the database (`env`: extra environment); yields it once /fhir/metadata answers."""
+    """`carebroker serve` on the database (`env`: extra environment); yields it once /fhir/metadata answers.
+    It runs with `--auth off`: these benchmarks time the FHIR engine (searches, export, ingest), and
+    their clients send no tokens; bench/rest.py measures what token checks cost."""
     port = free_port()
     with open(log_path, "w") as out:
         proc = subprocess.Popen([carebroker_command(), "serve", "--port", str(port), "--database", url,
-                                 "--workers", str(workers), "--log-level", "warning"],
+                                 "--workers", str(workers), "--log-level", "warning", "--auth", "off"],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}/fhir"

@@ -4,12 +4,17 @@ Usage (from the repository root, with the project's virtualenv):
 
     .venv/bin/python bench/rest.py                      # both databases, fresh servers
     .venv/bin/python bench/rest.py --db sqlite --workers 1
-    .venv/bin/python bench/rest.py --url http://127.0.0.1:8080/fhir --db postgresql
+    .venv/bin/python bench/rest.py --url http://127.0.0.1:8080/fhir --db postgresql --token "$TOKEN"
+    .venv/bin/python bench/rest.py --auth off           # the same without token checks (serve --auth off)
 
 wrk drives the load because a Python client would be slower than the server it measures. The
 create phase runs for a fixed time; the ids it created are then read back from the type history,
 topped up over httpx if fewer than `-n` exist, and read at random in the read phase. Percentiles
-come from a Lua `done()` hook (wrk's own `--latency` table has no machine-readable form). Each phase
+come from a Lua `done()` hook (wrk's own `--latency` table has no machine-readable form). With
+`--auth on` (the default) every request carries a bearer token, an RS256 JWT from a bench issuer
+(its key made for the run, its JWKS in a file the server trusts through CAREBROKER_TRUSTED_ISSUERS);
+`--auth off` starts the server with `--auth off`: the read phases of the two give the cost of token
+checks. Each phase
 also records how many CPU cores the server, wrk and everything else used: on a small or shared
 machine that decides what the figures mean. Results go to stdout as a table and to
 `bench/results/rest-<db>.json`, together with the commit of the checkout.
@@ -36,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
 from common import carebroker_command, free_port, machine_facts, process_tree, stop
 
@@ -202,6 +209,11 @@ class Target:
 
     base: str
     pid: int | None
+    token: str | None = None  # the bearer token every request carries (None: --auth off)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
 
 # -- synthetic patients ------------------------------------------------------------------------------
@@ -273,9 +285,12 @@ def run_wrk(db: str, phase: str, script: Path, target: Target, seconds: int, con
     note where the CPU went meanwhile (on a small machine wrk and the server share it)."""
     cmd = ["wrk", f"-t{min(WRK_THREADS, connections)}", f"-c{connections}", f"-d{seconds}s",
            f"--timeout={WRK_TIMEOUT}", "--latency", "-s", str(script), f"{target.base}/Patient"]
+    for name, value in target.headers.items():  # wrk -H headers go into wrk.headers, which our scripts keep
+        cmd[1:1] = ["-H", f"{name}: {value}"]
     if script_args:
         cmd += ["--", *script_args]
-    print(f"[{db}] {phase}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    shown = " ".join(cmd).replace(target.token, "<token>") if target.token else " ".join(cmd)
+    print(f"[{db}] {phase}: {shown}", file=sys.stderr, flush=True)
     server_pids = process_tree(target.pid) if target.pid else []
     start = (time.monotonic(), machine_ticks(), process_ticks(server_pids), children_cpu())
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -342,20 +357,38 @@ def database(db: str, workdir: Path, pg: str) -> Iterator[str]:
                        check=True)
 
 
+def bench_issuer(workdir: Path, audience: str) -> tuple[str, str]:
+    """A token issuer for the run: (CAREBROKER_TRUSTED_ISSUERS for the server, a system/*.* token
+    valid for a day). Its JWKS is a file in `workdir`."""
+    key = RSAKey.generate_key(2048, parameters={"kid": "bench"})
+    jwks = workdir / "bench-jwks.json"
+    jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
+    issuer, now = "https://bench.carebroker.invalid", int(time.time())
+    claims = {"iss": issuer, "sub": "bench", "aud": audience, "iat": now, "exp": now + 86400,
+              "jti": secrets.token_hex(8), "scope": "system/*.*", "roles": ["admin"], "client_id": "bench"}
+    token = jwt.encode({"alg": "RS256", "typ": "at+jwt", "kid": "bench"}, claims, key, algorithms=["RS256"])
+    return json.dumps([{"issuer": issuer, "jwks": str(jwks), "audience": audience}]), token
+
+
 @contextlib.contextmanager
-def server(database_url: str, workers: int, workdir: Path) -> Iterator[Target]:
+def server(database_url: str, workers: int, workdir: Path, auth: bool = True) -> Iterator[Target]:
     """Start `carebroker serve`; yield its FHIR base once every worker has started; stop it."""
     port = free_port()
     log_path = workdir / "server.log"
+    base = f"http://127.0.0.1:{port}/fhir"
+    env, token, flags = dict(os.environ), None, ["--auth", "off"]
+    if auth:
+        env["CAREBROKER_TRUSTED_ISSUERS"], token = bench_issuer(workdir, base)
+        flags = []
     with open(log_path, "w") as log:
         # info level: uvicorn then says "Application startup complete" once per worker (the CLI
         # turns access logs off, so nothing is logged per request).
         proc = subprocess.Popen([carebroker_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 "--database", database_url, "--workers", str(workers), "--log-level", "info"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                 "--database", database_url, "--workers", str(workers), "--log-level", "info",
+                                 *flags], stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         wait_ready(proc, log_path, workers)
-        yield Target(f"http://127.0.0.1:{port}/fhir", proc.pid)
+        yield Target(base, proc.pid, token)
     finally:
         stop(proc)
 
@@ -413,7 +446,7 @@ def bench(db: str, target: Target, args: argparse.Namespace, workdir: Path) -> d
     read_lua.write_text(string.Template(LUA_READ).substitute(mark=RESULT_MARK))
     create = run_wrk(db, "create", create_lua, target, args.create_seconds, args.concurrency)
     limits = httpx.Limits(max_connections=args.concurrency)
-    with httpx.Client(timeout=60, limits=limits) as client:
+    with httpx.Client(timeout=60, limits=limits, headers=target.headers) as client:
         ids = patient_ids(client, target.base)
         missing = args.n - len(ids)
         topped_up = top_up(client, target.base, missing, args.concurrency) if missing > 0 else []
@@ -437,7 +470,7 @@ def print_report(runs: list[dict[str, Any]], facts: dict[str, Any]) -> None:
         s = run["settings"]
         print(f"{run['db']}: workers={s['workers']}, concurrency={s['concurrency']} (wrk -t{s['wrk_threads']}), "
               f"create {s['create_seconds']}s, read {s['read_seconds']}s over {run['patients']} patients "
-              f"({run['topped_up']} topped up over httpx after the create phase); "
+              f"({run['topped_up']} topped up over httpx after the create phase); auth {s['auth']}; "
               f"load average before: {' '.join(run['load_before'])}; code {run['checkout']}")
     if facts["nproc"] <= 4:
         print(f"note: wrk runs on the same {facts['nproc']} CPUs as the server, so these are lower bounds")
@@ -466,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (not with --url)")
     parser.add_argument("--create-seconds", type=int, default=10, help="wrk duration of the create phase")
     parser.add_argument("--read-seconds", type=int, default=10, help="wrk duration of the read phase")
+    parser.add_argument("--auth", choices=["on", "off"], default="on",
+                        help="on: every request carries a bearer token (default); off: serve --auth off")
+    parser.add_argument("--token", help="with --url and --auth on: the bearer token to send")
     parser.add_argument("--pg", default="postgresql://127.0.0.1:5432/test",
                         help="PostgreSQL database in which a fresh schema is made for each run")
     args = parser.parse_args(argv)
@@ -482,22 +518,25 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             with contextlib.ExitStack() as stack:
                 if args.url:
-                    target, workers = Target(args.url.rstrip("/"), None), "unknown (external server)"
+                    token = args.token if args.auth == "on" else None
+                    target, workers = Target(args.url.rstrip("/"), None, token), "unknown (external server)"
                 else:
                     url = stack.enter_context(database(db, workdir, args.pg))
-                    target, workers = stack.enter_context(server(url, args.workers, workdir)), args.workers
+                    target = stack.enter_context(server(url, args.workers, workdir, args.auth == "on"))
+                    workers = args.workers
                 result = bench(db, target, args, workdir)
         if checkout() != code:
             print(f"\n!!! the checkout changed during the {db} run (was {code}, now {checkout()}): "
                   "the figures mix two versions of the server !!!\n", file=sys.stderr)
         settings = {"workers": workers, "concurrency": args.concurrency,
                     "wrk_threads": min(WRK_THREADS, args.concurrency), "wrk_timeout": WRK_TIMEOUT, "n": args.n,
-                    "create_seconds": args.create_seconds, "read_seconds": args.read_seconds, "url": target.base}
+                    "create_seconds": args.create_seconds, "read_seconds": args.read_seconds, "url": target.base,
+                    "auth": args.auth}
         phases = [{**asdict(p), "errors": p.errors} for p in result["phases"]]
         run = {"db": db, "checkout": code, "settings": settings, "machine": facts, "load_before": load_before,
                "patients": result["patients"], "topped_up": result["topped_up"], "phases": phases,
                "errors": sum(p["errors"] for p in phases)}
-        (RESULTS / f"rest-{db}.json").write_text(json.dumps(run, indent=2) + "\n")
+        (RESULTS / f"rest-{db}{'' if args.auth == 'on' else '-auth-off'}.json").write_text(json.dumps(run, indent=2) + "\n")
         runs.append(run)
     print_report(runs, facts)
     return 1 if any(run["errors"] for run in runs) else 0
