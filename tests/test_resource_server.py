@@ -77,7 +77,7 @@ def test_no_token_is_401_with_a_bare_bearer_challenge(api) -> None:  # type: ign
 
 def test_metadata_and_smart_configuration_need_no_token(api) -> None:  # type: ignore[no-untyped-def]
     assert get(api, "metadata", None).status_code == 200
-    assert get(api, ".well-known/smart-configuration", None).status_code != 401
+    assert get(api, ".well-known/smart-configuration", None).status_code == 200
 
 
 def _other_rsa() -> RSAKey:
@@ -423,8 +423,7 @@ def test_patient_scope_search_and_counts(api, two_patients) -> None:  # type: ig
     assert ids(get(api, f"Patient/b-{s}/Observation", token).json()) == set()
     assert ids(get(api, f"Patient/a-{s}/Observation", token).json()) == {f"Observation/a-lab-{s}", f"Observation/a-vital-{s}"}
     system = get(api, "", token, _type="Observation,Patient", _lastUpdated="gt2000-01-01", _count=1000).json()
-    assert all(i.endswith(f"a-{s}") or not i.split("/")[1].endswith(s) or "a-" in i for i in ids(system))
-    assert not any(i.split("/")[1].startswith("b-") and i.endswith(s) for i in ids(system))
+    assert ids(system) == {f"Patient/a-{s}", f"Observation/a-lab-{s}", f"Observation/a-vital-{s}"}
     # shared types are readable, types outside the compartment that are not are refused
     assert get(api, f"Practitioner/pr-{s}", token).status_code == 200
     assert get(api, f"Task/task-{s}", token).status_code == 403
@@ -459,8 +458,7 @@ def test_patient_scope_includes_chains_and_has(api, two_patients) -> None:  # ty
     assert ids(has) == set()  # only patient B has a 'secret' observation
     has = get(api, "Practitioner", token, **{"_has:Observation:performer:code": f"urn:test|hb-{s}"}).json()
     assert ids(has) == {f"Practitioner/pr-{s}"}
-    admin = get(api, "Practitioner", None if False else TEST_ISSUER.token(),
-                **{"_has:Observation:performer:code": f"urn:test|secret-{s}"}).json()
+    admin = get(api, "Practitioner", TEST_ISSUER.token(), **{"_has:Observation:performer:code": f"urn:test|secret-{s}"}).json()
     assert ids(admin) == {f"Practitioner/pr-{s}"}
 
 

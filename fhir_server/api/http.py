@@ -150,6 +150,10 @@ class FhirEndpoint:
             return None, outcome_response(401, [Issue("security", f"The access token was refused: {reason}")],
                                           {"WWW-Authenticate": f'{REALM}, error="invalid_token", '
                                                                f'error_description="{reason}"'})
+        except Exception:  # a key set or database failing: an OperationOutcome, never a stack trace
+            log.exception("the access token could not be checked")
+            return None, outcome_response(500, [Issue("exception", "The access token could not be checked; "
+                                                      "the event was logged")])
 
 
 def _base_url(scope: Scope, headers: Headers, root: str) -> str:
