@@ -24,7 +24,7 @@ from fhir_server.storage.engine import create_engine, migrate
 from fhir_server.storage.repository import Store
 from fhir_server.storage.schema import export_chunk, export_job
 
-from conftest import AUTH, app_settings
+from conftest import AUTH, TEST_ISSUER, app_settings
 
 ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 NDJSON = "application/fhir+ndjson"
@@ -416,3 +416,15 @@ def test_export_survives_its_servers_stopping_and_dying(backends, backend: str, 
     after = chunk_digests(engine, job_id)
     assert {k: after[k] for k in before_kill} == before_kill  # resumed, not redone
     engine.dispose()
+
+
+def test_only_the_client_that_kicked_off_an_export_sees_it(api) -> None:  # type: ignore[no-untyped-def]
+    create(api, patient())
+    status_url = kick_off(api, "$export", _type="Patient")
+    manifest = wait_manifest(api, status_url)
+    other = {"Authorization": f"Bearer {TEST_ISSUER.token(sub='other-client', client_id='other-client')}"}
+    for resp in (api.get(status_url, headers=other), api.get(manifest["output"][0]["url"], headers=other),
+                 api.delete(status_url, headers=other)):
+        assert resp.status_code == 404, resp.text  # the same answer as for a job that does not exist
+    assert api.get(status_url).json() == manifest  # still there for its owner
+    assert api.get(manifest["output"][0]["url"]).status_code == 200

@@ -221,13 +221,14 @@ class FhirRouter:
         request = f"{req.base_url}/{req.path.strip('/')}" + (f"?{req.query}" if req.params else "")
         if req.principal is not None and not req.param("_type"):  # only the types the token may export
             req = replace(req, params=[*req.params, ("_type", ",".join(self._export_types(req, level)))])
-        job_id = self.exports.kick_off(level, group_id, req.params, request, req.prefer("handling") == "lenient")
+        job_id = self.exports.kick_off(level, group_id, req.params, request, req.prefer("handling") == "lenient",
+                                       _requester(req))
         status_url = f"{req.base_url}/$export-poll-status?{urlencode({'_jobId': job_id})}"
         return outcome_response(202, [Issue("informational", f"Export started; its status is at {status_url}",
                                             severity="information")], {"Content-Location": status_url})
 
     def export_status(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        job, files = self.exports.status(_job_id(req))
+        job, files = self.exports.status(_job_id(req), _requester(req))
         if job.status == "failed":
             return outcome_response(500, [Issue("exception", f"The export failed: {job.error}")])
         if job.status != "completed":
@@ -236,7 +237,7 @@ class FhirRouter:
                              {"Content-Type": "application/json", "Expires": to_http_date(job.expires)})
 
     def export_cancel(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
-        self.exports.cancel(_job_id(req))
+        self.exports.cancel(_job_id(req), _requester(req))
         return outcome_response(202, [Issue("informational", "Export cancelled; its files are deleted",
                                             severity="information")])
 
@@ -244,7 +245,7 @@ class FhirRouter:
         number = req.param("_file") or ""
         if not number.isdigit():
             raise error(400, "invalid", f"Parameter '_file': '{number}' is not a file number")
-        size, chunks = self.exports.file(_job_id(req), int(number))
+        size, chunks = self.exports.file(_job_id(req), int(number), _requester(req))
         return FhirResponse(200, None, {"Content-Type": NDJSON, "Content-Length": str(size)}, stream=chunks)
 
     def create(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
@@ -484,6 +485,12 @@ def _job_id(req: FhirRequest) -> str:
     if not (job_id := req.param("_jobId")):
         raise error(400, "required", "Parameter '_jobId' is required")
     return job_id
+
+
+def _requester(req: FhirRequest) -> str | None:
+    """Who is asking, as the export job records it: the token's issuer and subject (or client)."""
+    p = req.principal
+    return None if p is None else f"{p.issuer}|{p.subject or p.client_id}"
 
 
 def _shape(parts: list[str]) -> str:

@@ -69,9 +69,10 @@ class BulkExport:
     # -- the API side -----------------------------------------------------------------------------
 
     def kick_off(self, level: str, group_id: str | None, params: list[tuple[str, str]], request: str,
-                 lenient: bool = False) -> str:
+                 lenient: bool = False, requester: str | None = None) -> str:
         """Record a job for a system, Patient or Group (`group_id`) level export; its id. Parameters
-        this server does not support are a 400 (the IG forbids ignoring them) unless `lenient`."""
+        this server does not support are a 400 (the IG forbids ignoring them) unless `lenient`.
+        `requester` (who asked, as `issuer|subject`) is the only one who may see the job afterwards."""
         unsupported = list(dict.fromkeys(k for k, _ in params if k not in PARAMETERS | PASSIVE_PARAMETERS))
         if unsupported and not lenient:
             raise error(400, "not-supported", f"$export parameter(s) not supported here: {', '.join(unsupported)}")
@@ -87,7 +88,7 @@ class BulkExport:
         transaction_time = now - 1000
         with self.store.writing() as conn:
             jobs.insert_job(conn, job_id, level, group_id, types, since, request, transaction_time, now,
-                            now + EXPIRY_US)
+                            now + EXPIRY_US, requester)
             if group_id is not None:
                 group = self.store.head(conn, "Group", group_id)
                 if group is None or group.deleted:
@@ -107,25 +108,23 @@ class BulkExport:
                         "compartment, so not part of a Patient or Group export")
         return list(dict.fromkeys(asked)) or sorted(t for t in patient_compartment() if t in self.types)
 
-    def status(self, job_id: str) -> tuple[Job, list[ExportFile]]:
+    def status(self, job_id: str, requester: str | None = None) -> tuple[Job, list[ExportFile]]:
         """The job and, once it completed, its files."""
         with self.store.reading() as conn:
-            job = jobs.get_job(conn, job_id)
-            if job is None:
-                raise error(404, "not-found", f"No export job '{job_id}' (unknown, cancelled or expired)")
+            job = _owned(jobs.get_job(conn, job_id), job_id, requester)
             return job, jobs.files(conn, job_id) if job.status == "completed" else []
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, requester: str | None = None) -> None:
         """Stop the job if it runs, and remove it with its files."""
         with self.store.writing() as conn:
-            if not jobs.delete_job(conn, job_id):
-                raise error(404, "not-found", f"No export job '{job_id}' (unknown, cancelled or expired)")
+            _owned(jobs.get_job(conn, job_id), job_id, requester)
+            jobs.delete_job(conn, job_id)
 
-    def file(self, job_id: str, file_no: int) -> tuple[int, Iterator[bytes]]:
+    def file(self, job_id: str, file_no: int, requester: str | None = None) -> tuple[int, Iterator[bytes]]:
         """(size in bytes, its chunks) of one output file of a completed job."""
         with self.store.reading() as conn:
-            job = jobs.get_job(conn, job_id)
-            parts, size = jobs.file_extent(conn, job_id, file_no) if job and job.status == "completed" else (0, 0)
+            job = _owned(jobs.get_job(conn, job_id), job_id, requester)
+            parts, size = jobs.file_extent(conn, job_id, file_no) if job.status == "completed" else (0, 0)
         if not parts:
             raise error(404, "not-found", f"Export job '{job_id}' has no file {file_no}")
         return size, self._chunks(job_id, file_no, parts)
@@ -234,6 +233,14 @@ class BulkExport:
             if not jobs.checkpoint(conn, job, owner, now + LEASE_US, now + EXPIRY_US, chunk):
                 raise LeaseLost(job.id)
         return job
+
+
+def _owned(job: Job | None, job_id: str, requester: str | None) -> Job:
+    """The job, if it exists and the requester is the one who started it; otherwise the same 404,
+    so that another client cannot even learn that a job id exists."""
+    if job is None or (requester is not None and job.requester != requester):
+        raise error(404, "not-found", f"No export job '{job_id}' (unknown, cancelled or expired)")
+    return job
 
 
 def export_progress(job: Job) -> str:

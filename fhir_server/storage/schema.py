@@ -168,6 +168,9 @@ export_job = sa.Table(
     sa.Column("part", sa.Integer, nullable=False),
     sa.Column("exported", sa.BigInteger, nullable=False),
     sa.Column("error", sa.Text, nullable=True),
+    # Who kicked it off (`issuer|subject` of the token; None without authentication): only they
+    # may poll, download or cancel it.
+    sa.Column("requester", sa.String(512), nullable=True),
 )
 
 # The NDJSON output: each file is a run of chunks (~1 MB each), written and served one at a time.
