@@ -24,8 +24,8 @@ OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-u
 RESTFUL_SECURITY_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 
 
-def smart_configuration(urls: AuthUrls) -> dict[str, Any]:
-    """SMART App Launch 2.x discovery document."""
+def _server_metadata(urls: AuthUrls) -> dict[str, Any]:
+    """What the SMART and the OpenID discovery documents both say about this server."""
     return {
         "issuer": urls.issuer,
         "jwks_uri": urls.jwks,
@@ -38,30 +38,20 @@ def smart_configuration(urls: AuthUrls) -> dict[str, Any]:
         "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
         "scopes_supported": SCOPES_SUPPORTED,
         "response_types_supported": ["code"],
-        "capabilities": CAPABILITIES,
         "code_challenge_methods_supported": ["S256"],
     }
+
+
+def smart_configuration(urls: AuthUrls) -> dict[str, Any]:
+    """SMART App Launch 2.x discovery document."""
+    return {**_server_metadata(urls), "capabilities": CAPABILITIES}
 
 
 def openid_configuration(urls: AuthUrls) -> dict[str, Any]:
     """OpenID Provider metadata at `<issuer>/.well-known/openid-configuration`."""
-    return {
-        "issuer": urls.issuer,
-        "jwks_uri": urls.jwks,
-        "authorization_endpoint": urls.authorize,
-        "token_endpoint": urls.token,
-        "introspection_endpoint": urls.introspect,
-        "revocation_endpoint": urls.revoke,
-        "response_types_supported": ["code"],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": [SIGNING_ALG],
-        "grant_types_supported": list(GRANT_TYPES),
-        "token_endpoint_auth_methods_supported": list(AUTH_METHODS),
-        "token_endpoint_auth_signing_alg_values_supported": list(ASSERTION_ALGS),
-        "scopes_supported": SCOPES_SUPPORTED,
-        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser"],
-        "code_challenge_methods_supported": ["S256"],
-    }
+    return {**_server_metadata(urls), "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": [SIGNING_ALG],
+            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser"]}
 
 
 def rest_security(urls: AuthUrls) -> dict[str, Any]:
