@@ -9,12 +9,10 @@ import hmac
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import httpx
@@ -26,7 +24,7 @@ from fhir_server.auth.server import AuthServer
 from fhir_server.auth.tokens import InvalidToken
 from fhir_server.storage.repository import Store
 
-from conftest import Backends
+from conftest import Backends, JwksServer
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
@@ -173,36 +171,18 @@ def test_backend_assertion_algorithm_refusals(env: Env) -> None:
     _refused(env, wrong_type, "client_assertion_type")
 
 
-class _JwksHandler(BaseHTTPRequestHandler):
-    jwks: dict[str, Any] = {}
-
-    def do_GET(self) -> None:  # noqa: N802
-        body = json.dumps(self.jwks).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def jwks_host() -> Iterator[tuple[str, type[_JwksHandler]]]:
+def jwks_host() -> Iterator[JwksServer]:
     """A real HTTP server publishing a client's JWKS, as a client's jku would."""
-    handler = type("Handler", (_JwksHandler,), {"jwks": {"keys": []}})
-    server = HTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    server.shutdown()
+    server = JwksServer()
+    yield server
+    server.close()
 
 
-def test_backend_jku_only_if_registered(env: Env, jwks_host: tuple[str, type[_JwksHandler]]) -> None:
-    base, handler = jwks_host
+def test_backend_jku_only_if_registered(env: Env, jwks_host: JwksServer) -> None:
+    base = jwks_host.base
     key, kid = ECKey.generate_key("P-384"), new_id("kid")
-    handler.jwks = {"keys": [{**key.as_dict(private=False), "kid": kid, "alg": "ES384"}]}
+    jwks_host.keys = [{**key.as_dict(private=False), "kid": kid, "alg": "ES384"}]
     registered = f"{base}/registered/jwks.json"
     client_id, _, _ = backend_client(env, "ES384", jku=registered)
     url = env.token_url

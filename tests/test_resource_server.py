@@ -10,10 +10,8 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -29,7 +27,7 @@ from fhir_server.auth.smart_scopes import InvalidScope, parse_scope, parse_scope
 from fhir_server.service.interactions import FhirService
 from fhir_server.storage.repository import Store
 
-from conftest import TEST_ISSUER, TestIssuer, app_settings
+from conftest import TEST_ISSUER, JwksServer, TestIssuer, app_settings
 
 LAB = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
@@ -155,38 +153,8 @@ def test_es256_and_rs384_tokens_are_accepted(backends, backend: str, tmp_path) -
 
 # -- JWKS over HTTP, rotation ----------------------------------------------------------------------------
 
-class _JwksServer:
-    """An IdP's JWKS endpoint on loopback, counting fetches."""
-
-    def __init__(self) -> None:
-        self.keys: list[RSAKey] = []
-        self.hits = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                outer.hits += 1
-                body = json.dumps({"keys": [k.as_dict(private=False) for k in outer.keys]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_jwks_rotation_refetches_once_per_unknown_kid_and_never_floods(backends, backend: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    idp_server = _JwksServer()
+    idp_server = JwksServer()
     try:
         idp = TestIssuer("https://rotating.carebroker.test", "https://carebroker.test/fhir", tmp_path)
         idp_server.keys = [RSAKey.generate_key(2048, parameters={"kid": "k1"})]
