@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from joserfc.jwk import RSAKey
@@ -67,18 +67,16 @@ def new_key_record(now: int) -> KeyRecord:
 Change = Callable[[list[KeyRecord]], "list[KeyRecord] | None"]
 
 
-class _KeyBackend:
+class KeyBackend(Protocol):
     """Where the keys live. `change` runs a function on the stored records under a lock that every
     node respects, and stores what it returns: creation and rotation cannot race."""
 
-    def records(self) -> list[KeyRecord]:
-        raise NotImplementedError
+    def records(self) -> list[KeyRecord]: ...
 
-    def change(self, fn: Change) -> list[KeyRecord]:
-        raise NotImplementedError
+    def change(self, fn: Change) -> list[KeyRecord]: ...
 
 
-class DatabaseKeys(_KeyBackend):
+class DatabaseKeys:
     """Keys in the `auth_key` table: every node of a deployment sees the same keys."""
 
     def __init__(self, store: Store) -> None:
@@ -114,7 +112,7 @@ def _record(row: Any) -> KeyRecord:
     return KeyRecord(row.kid, row.alg, json.loads(row.private_jwk), row.created_at, row.retired_at)
 
 
-class FileKeys(_KeyBackend):
+class FileKeys:
     """Keys in a JSON file (CAREBROKER_AUTH_KEY_FILE), for deployments that keep secrets out of the
     database; nodes sharing it must share the file. Written whole and atomically, mode 0600."""
 
@@ -157,7 +155,7 @@ class FileKeys(_KeyBackend):
 class SigningKeys:
     """The key set of the built-in issuer: sign with the current key, verify with any published one."""
 
-    def __init__(self, backend: _KeyBackend) -> None:
+    def __init__(self, backend: KeyBackend) -> None:
         self.backend = backend
         self._lock = threading.Lock()
         self._cache: dict[str, RSAKey] = {}
