@@ -11,6 +11,7 @@ import argparse
 import bisect
 import contextlib
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -573,3 +574,40 @@ def workdir_for(args: argparse.Namespace, stack: contextlib.ExitStack, prefix: s
     if args.keep:
         return Path(tempfile.mkdtemp(prefix=prefix))
     return Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+
+
+# -- wrk ------------------------------------------------------------------------------------------
+
+RESULT_MARK = "BENCH_RESULT "
+
+# The start of every wrk script here: numbers each wrk thread by `setup` (so `init` can seed or
+# offset by `tid`), and prints the figures as one JSON line behind RESULT_MARK, because wrk's
+# `--latency` table has no p99.9 and no machine-readable form.
+WRK_LUA_REPORT = r"""
+local threads = {}
+function setup(thread)
+  threads[#threads + 1] = thread
+  thread:set("tid", #threads)
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'MARK{"requests":%d,"duration_us":%d,"bytes":%d,"mean_us":%.1f,"p50_us":%d,"p90_us":%d,' ..
+    '"p99_us":%d,"p999_us":%d,"max_us":%d,"non_2xx_3xx":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"timeout":%d}\n',
+    summary.requests, summary.duration, summary.bytes, latency.mean, latency:percentile(50),
+    latency:percentile(90), latency:percentile(99), latency:percentile(99.9), latency.max,
+    e.status, e.connect, e.read, e.write, e.timeout))
+end
+""".replace("MARK", RESULT_MARK)
+
+
+def wrk_result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    """The figures a WRK_LUA_REPORT script printed, with `socket_errors` summed up."""
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    r = json.loads(line.removeprefix(RESULT_MARK))
+    r["socket_errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return r

@@ -44,7 +44,7 @@ import httpx
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from common import carebroker_command, free_port, machine_facts, process_tree, stop
+from common import WRK_LUA_REPORT, carebroker_command, free_port, machine_facts, process_tree, stop, wrk_result
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -52,7 +52,6 @@ NHS_NUMBER_SYSTEM = "https://fhir.nhs.uk/Id/nhs-number"
 FHIR_JSON = "application/fhir+json"
 WRK_THREADS = 2
 WRK_TIMEOUT = "10s"  # a slow answer is a latency figure, not a socket error
-RESULT_MARK = "BENCH_RESULT "
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # Synthetic data, shared by the Lua generator (wrk) and the Python one (top-up). Nobody real: NHS
@@ -79,29 +78,8 @@ NHS_WEIGHTS = (10, 9, 8, 7, 6, 5, 4, 3, 2)
 GENDER_ROLLS = ((0.49, "female"), (0.98, "male"), (0.99, "other"), (1.0, "unknown"))
 BIRTH_FROM, BIRTH_TO = date(1925, 1, 1), date(2025, 12, 31)
 
-# Numbers each wrk thread by `setup`, so `init` can seed its generator differently, and prints the
-# figures as one JSON line: wrk's `--latency` table has no p99.9 and no machine-readable form.
-LUA_COMMON = r"""
-local threads = {}
-function setup(thread)
-  threads[#threads + 1] = thread
-  thread:set("tid", #threads)
-end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '$mark{"requests":%d,"duration_us":%d,"bytes":%d,"mean_us":%.1f,"p50_us":%d,"p90_us":%d,' ..
-    '"p99_us":%d,"p999_us":%d,"max_us":%d,"non_2xx_3xx":%d,"connect":%d,"read":%d,"write":%d,' ..
-    '"timeout":%d}\n',
-    summary.requests, summary.duration, summary.bytes, latency.mean, latency:percentile(50),
-    latency:percentile(90), latency:percentile(99), latency:percentile(99.9), latency.max,
-    e.status, e.connect, e.read, e.write, e.timeout))
-end
-"""
-
 # POST a freshly generated Patient per request (the Lua twin of `uk_patient`).
-LUA_CREATE = LUA_COMMON + r"""
+LUA_CREATE = WRK_LUA_REPORT + r"""
 local GIVEN = $given
 local FAMILY = $family
 local STREETS = $streets
@@ -161,7 +139,7 @@ end
 """
 
 # GET a random id from the file named by the first script argument.
-LUA_READ = LUA_COMMON + r"""
+LUA_READ = WRK_LUA_REPORT + r"""
 local ids = {}
 
 function init(args)
@@ -271,7 +249,7 @@ def create_script() -> str:
 
     rolls = "\n  ".join(f'if roll < {bound} then return "{g}" end' for bound, g in GENDER_ROLLS[:-1])
     return string.Template(LUA_CREATE).substitute(
-        mark=RESULT_MARK, given=lua_literal(GIVEN), family=lua_literal(FAMILY), streets=lua_literal(STREETS),
+        given=lua_literal(GIVEN), family=lua_literal(FAMILY), streets=lua_literal(STREETS),
         towns=lua_literal(TOWNS), letters=POSTCODE_LETTERS, weights=lua_literal(NHS_WEIGHTS),
         birth_from=epoch(BIRTH_FROM), birth_to=epoch(BIRTH_TO), content_type=FHIR_JSON,
         nhs_system=NHS_NUMBER_SYSTEM, gender_rolls=rolls + f'\n  return "{GENDER_ROLLS[-1][1]}"')
@@ -298,16 +276,13 @@ def run_wrk(db: str, phase: str, script: Path, target: Target, seconds: int, con
     wall = end[0] - start[0]
     busy, wrk_cores = (end[1] - start[1]) / CLK_TCK / wall, (end[3] - start[3]) / wall
     server_cores = (end[2] - start[2]) / CLK_TCK / wall if server_pids else None
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    r = json.loads(line.removeprefix(RESULT_MARK))
+    r = wrk_result(proc)
     duration = r["duration_us"] / 1e6
     result = Phase(db=db, phase=phase, seconds=round(duration, 2), requests=r["requests"],
                    requests_per_s=round(r["requests"] / duration, 1), mean_ms=round(r["mean_us"] / 1000, 2),
                    p50_ms=r["p50_us"] / 1000, p90_ms=r["p90_us"] / 1000, p99_ms=r["p99_us"] / 1000,
                    p999_ms=r["p999_us"] / 1000, max_ms=r["max_us"] / 1000, non_2xx=r["non_2xx_3xx"],
-                   socket_errors=r["connect"] + r["read"] + r["write"] + r["timeout"],
+                   socket_errors=r["socket_errors"],
                    cpu_server=None if server_cores is None else round(server_cores, 2), cpu_wrk=round(wrk_cores, 2),
                    cpu_other=round(busy - wrk_cores - (server_cores or 0), 2))
     if result.errors:
@@ -443,7 +418,7 @@ def bench(db: str, target: Target, args: argparse.Namespace, workdir: Path) -> d
     """Create phase, id collection (plus top-up), read phase."""
     create_lua, read_lua, ids_file = workdir / "create.lua", workdir / "read.lua", workdir / "ids.txt"
     create_lua.write_text(create_script())
-    read_lua.write_text(string.Template(LUA_READ).substitute(mark=RESULT_MARK))
+    read_lua.write_text(LUA_READ)
     create = run_wrk(db, "create", create_lua, target, args.create_seconds, args.concurrency)
     limits = httpx.Limits(max_connections=args.concurrency)
     with httpx.Client(timeout=60, limits=limits, headers=target.headers) as client:

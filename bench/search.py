@@ -61,11 +61,10 @@ from fhir_server.storage.engine import create_engine
 from fhir_server.storage.repository import Store
 from fhir_server.storage.schema import resource
 
-from common import (BIRTH_FROM, BIRTH_TO, MAX_PATIENTS, N_PRACTITIONERS, RESULTS, BenchError, Population,
-                    add_run_arguments, after_load, check_code, code_fingerprint, database, databases, load, log,
-                    machine_facts, seeded_rng, server, workdir_for)
+from common import (BIRTH_FROM, BIRTH_TO, MAX_PATIENTS, N_PRACTITIONERS, RESULTS, WRK_LUA_REPORT, BenchError,
+                    Population, add_run_arguments, after_load, check_code, code_fingerprint, database, databases,
+                    load, log, machine_facts, seeded_rng, server, workdir_for, wrk_result)
 
-RESULT_MARK = "BENCH_RESULT "
 PAGE_SIZE = 50  # the server's default _count
 
 
@@ -234,13 +233,7 @@ def measure_latency(client: httpx.Client, base: str, queries: list[Query], warmu
             "total_max": max(totals)}
 
 
-LUA_WRK = r"""
-local threads = {}
-function setup(thread)
-  threads[#threads + 1] = thread
-  thread:set("tid", #threads)
-end
-
+LUA_WRK = WRK_LUA_REPORT + r"""
 local urls = {}
 local i = 0
 function init(args)
@@ -252,15 +245,7 @@ function request()
   i = i % #urls + 1
   return wrk.format(nil, urls[i])
 end
-
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    '%s{"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,"non_2xx_3xx":%d,"socket_errors":%d}\n',
-    "MARK", summary.requests, summary.duration, latency:percentile(50), latency:percentile(99), e.status,
-    e.connect + e.read + e.write + e.timeout))
-end
-""".replace("MARK", RESULT_MARK)
+"""
 
 
 def run_wrk(base: str, queries: list[Query], workdir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -271,10 +256,7 @@ def run_wrk(base: str, queries: list[Query], workdir: Path, args: argparse.Names
     cmd = ["wrk", f"-t{args.wrk_threads}", f"-c{args.wrk_connections}", f"-d{args.wrk_seconds}s",
            "--timeout", "10s", "-s", str(script), base.rsplit("/fhir", 1)[0], "--", str(urls)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)), None)
-    if proc.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    r = json.loads(line.removeprefix(RESULT_MARK))
+    r = wrk_result(proc)
     seconds = r["duration_us"] / 1e6
     out = {"requests": r["requests"], "seconds": round(seconds, 2), "requests_per_s": round(r["requests"] / seconds, 1),
            "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "non_2xx": r["non_2xx_3xx"],
