@@ -18,7 +18,6 @@ from fhir_server.auth.errors import OAuthError
 from fhir_server.auth.policy import ROLES
 from fhir_server.auth.registry import Client
 from fhir_server.auth.server import AuthServer
-from fhir_server.auth.tokens import Principal
 from fhir_server.auth.urls import AuthUrls
 from fhir_server.config import Settings
 from fhir_server.storage.repository import Store
@@ -159,11 +158,9 @@ def _token(args: argparse.Namespace, auth: AuthServer, settings: Settings) -> in
     client = auth.registry.client(args.client_id)
     if client is None:
         raise ValueError(f"no client {args.client_id!r} is registered")
-    scope = list(client.scope) if args.scope is None else auth._grant_scope(args.scope, client)
+    scope = list(client.scope) if args.scope is None else auth.grant_scope(args.scope, client)
     urls = AuthUrls.for_fhir_base(args.base_url or settings.public_base_url or DEFAULT_FHIR_BASE)
-    principal = Principal(client.client_id, client.roles, client.fhir_user, client.organization, client.purpose_of_use)
-    token, _ = auth.tokens.issue_access_token(urls, principal, client.client_id, scope)
-    print(token)
+    print(auth.client_access_token(client, scope, urls))
     return 0
 
 

@@ -25,7 +25,7 @@ from joserfc import jwk, jwt
 from joserfc.errors import JoseError
 from joserfc.jws import extract_compact
 
-from fhir_server.auth.errors import OAuthError, invalid_client
+from fhir_server.auth.errors import invalid_client
 from fhir_server.auth.policy import ASSERTION_ALGS, ASSERTION_MAX_LIFETIME, CLIENT_ASSERTION_TYPE, LEEWAY
 from fhir_server.auth.registry import Client, Registry, verify_secret
 from fhir_server.auth.urls import AuthUrls

@@ -10,10 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fhir_server.auth.policy import ROLES  # carebroker's roles (the consent issue decides what each may see)
 from fhir_server.auth.smart_scopes import SmartScope, parse_scopes
 
-# carebroker's roles (the consent issue decides what each may see).
-ROLES = frozenset({"clinician", "support", "ig-officer", "analyst", "integration", "patient", "admin"})
 DEFAULT_PURPOSE = "TREAT"  # v3 PurposeOfUse
 EMERGENCY_PURPOSE = "ETREAT"
 PURPOSE_OF_USE_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ActReason"

@@ -15,7 +15,7 @@ from fhir_server.auth.keys import SigningKeys
 from fhir_server.auth.policy import ACCESS_TOKEN_LIFETIME
 from fhir_server.auth.registry import Client, Registry, User
 from fhir_server.auth.scopes import grant
-from fhir_server.auth.tokens import InvalidToken, Principal, Tokens, new_jti
+from fhir_server.auth.tokens import InvalidToken, TokenSubject, Tokens, new_jti
 from fhir_server.auth.urls import AuthUrls
 from fhir_server.storage.repository import Store
 
@@ -54,15 +54,13 @@ class AuthServer:
                             urls: AuthUrls) -> dict[str, Any]:
         """SMART Backend Services (private_key_jwt), or client_secret_basic for simple integrations."""
         client = self.clients.authenticate(form, authorization, urls)
-        scope = self._grant_scope(form.get("scope"), client)
-        principal = Principal(client.client_id, client.roles, client.fhir_user, client.organization,
-                              client.purpose_of_use)
-        token, _ = self.tokens.issue_access_token(urls, principal, client.client_id, scope)
+        scope = self.grant_scope(form.get("scope"), client)
+        token = self.client_access_token(client, scope, urls)
         return {"access_token": token, "token_type": "Bearer", "expires_in": ACCESS_TOKEN_LIFETIME,
                 "scope": " ".join(scope)}
 
     @staticmethod
-    def _grant_scope(requested: str | None, client: Client) -> list[str]:
+    def grant_scope(requested: str | None, client: Client) -> list[str]:
         """Only what the registration covers; the response says what was granted (RFC 6749 5.1)."""
         if not requested or not requested.split():
             raise OAuthError("invalid_scope", "scope is required")
@@ -70,6 +68,12 @@ class AuthServer:
         if not scope:
             raise OAuthError("invalid_scope", "none of the requested scopes is allowed for this client")
         return scope
+
+    def client_access_token(self, client: Client, scope: list[str], urls: AuthUrls) -> str:
+        """An access token for a registered client acting as itself (Backend Services, `carebroker token`)."""
+        subject = TokenSubject(client.client_id, client.roles, client.fhir_user, client.organization,
+                               client.purpose_of_use)
+        return self.tokens.issue_access_token(urls, subject, client.client_id, scope)[0]
 
     def _authorization_code(self, form: Mapping[str, str], authorization: str | None,
                             urls: AuthUrls) -> dict[str, Any]:
@@ -82,14 +86,14 @@ class AuthServer:
         user = self.registry.user(granted.username)
         if user is None or not user.active:
             raise OAuthError("invalid_grant", "the user is no longer active")
-        principal = user_principal(user, granted.patient)
+        principal = user_subject(user, granted.patient)
         token, _ = self.tokens.issue_access_token(urls, principal, client.client_id, granted.scope, jti)
         response: dict[str, Any] = {"access_token": token, "token_type": "Bearer",
                                     "expires_in": ACCESS_TOKEN_LIFETIME, "scope": " ".join(granted.scope)}
         if granted.patient and "launch/patient" in granted.scope:
             response["patient"] = granted.patient
         if "openid" in granted.scope:
-            id_principal = principal if "fhirUser" in granted.scope else Principal(principal.sub)
+            id_principal = principal if "fhirUser" in granted.scope else TokenSubject(principal.sub)
             response["id_token"] = self.tokens.issue_id_token(urls, id_principal, client.client_id, granted.nonce)
         return response
 
@@ -140,8 +144,8 @@ class AuthServer:
         self.tokens.revoke(claims["jti"], int(claims.get("exp", 0)))
 
 
-def user_principal(user: User, patient: str | None) -> Principal:
-    return Principal(user.username, user.roles, user.fhir_user, user.organization, user.purpose_of_use, patient)
+def user_subject(user: User, patient: str | None) -> TokenSubject:
+    return TokenSubject(user.username, user.roles, user.fhir_user, user.organization, user.purpose_of_use, patient)
 
 
 __all__ = ["AuthServer", "InvalidToken"]

@@ -33,7 +33,7 @@ class InvalidToken(Exception):
 
 
 @dataclass(frozen=True)
-class Principal:
+class TokenSubject:
     """Who a token is issued for, with carebroker's claims from their registration."""
 
     sub: str
@@ -59,7 +59,7 @@ class Tokens:
         self.store = store
         self.keys = keys
 
-    def issue_access_token(self, urls: AuthUrls, principal: Principal, client_id: str, scope: list[str],
+    def issue_access_token(self, urls: AuthUrls, principal: TokenSubject, client_id: str, scope: list[str],
                            jti: str | None = None) -> tuple[str, dict[str, Any]]:
         """The signed token and its claims (`jti` chosen beforehand when it must be recorded first)."""
         now = int(time.time())
@@ -68,7 +68,7 @@ class Tokens:
                   **principal.claims()}
         return self._sign(claims, ACCESS_TOKEN_TYP), claims
 
-    def issue_id_token(self, urls: AuthUrls, principal: Principal, client_id: str, nonce: str | None) -> str:
+    def issue_id_token(self, urls: AuthUrls, principal: TokenSubject, client_id: str, nonce: str | None) -> str:
         """OpenID Connect id_token; `fhirUser` is an absolute URL, as SMART App Launch requires."""
         now = int(time.time())
         claims: dict[str, Any] = {"iss": urls.issuer, "sub": principal.sub, "aud": client_id,
