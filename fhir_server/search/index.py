@@ -12,11 +12,12 @@ from decimal import Decimal
 from typing import Any
 
 from conformance.search_parameters import SearchParameter, for_type
+from consent.facts import policy_facts
 from fhir_server.search.fhirpath import compile_expression, reference_type
 from fhir_server.search.values import MAX_US, MIN_US, NARROW_US, date_range, normalise
 
 # Bump when extraction changes: stored indexes are then rebuilt at the next start (reindex()).
-INDEX_VERSION = "1"
+INDEX_VERSION = "2"
 
 Row = tuple[Any, ...]
 IndexRows = dict[str, set[Row]]  # parameter type -> rows (param, ...columns)
@@ -34,7 +35,8 @@ def indexed_params(rtype: str) -> tuple[SearchParameter, ...]:
 
 
 def index_resource(resource: dict[str, Any]) -> IndexRows:
-    """All index rows for one resource (its current version)."""
+    """All index rows for one resource (its current version): search values, and the facts the
+    access policy reads (consent/facts.py, a leaf module that derives them from these rows)."""
     rows: IndexRows = {}
     for param in indexed_params(resource["resourceType"]):
         values = compile_expression(param.expression)(resource)  # type: ignore[arg-type]
@@ -42,6 +44,7 @@ def index_resource(resource: dict[str, Any]) -> IndexRows:
             continue
         for kind, row in EXTRACTORS[param.type](param.code, values):
             rows.setdefault(kind, set()).add(row)
+    rows.update(policy_facts(resource, rows))
     return rows
 
 

@@ -132,9 +132,59 @@ search_uri = _index_table(
     sa.Column("uri", sa.String(512), nullable=False),
     lookups=(("type", "param", "uri"),))
 
+# Policy facts (consent/facts.py): what the access policy needs of each resource, extracted at write
+# time like search values, so the policy is a few index probes inside the search query.
+# `policy_subject`: the patients whose record a resource is part of (its Patient compartment; a
+# Patient is its own), with the resource's custodian organisation, its label flags and its clinical
+# date range. `param` is the compartment parameter ("_self" for a Patient).
+policy_subject = _index_table(
+    "policy_subject",
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("custodian", sa.String(160), nullable=True),  # Organization/<id>
+    sa.Column("flags", sa.Integer, nullable=False),  # consent/facts.py: SENSITIVE | RESTRICTED | HIDDEN
+    sa.Column("data_lo", sa.BigInteger, nullable=True),  # [lo, hi) microseconds; NULL: no clinical date
+    sa.Column("data_hi", sa.BigInteger, nullable=True),
+    lookups=(("patient_id",),))
+# Care relationships a resource states (an active CareTeam's participants, an active Encounter's
+# participants, a Patient's registered GP): `param` says which; `until` is when it lapses (NULL: open).
+policy_relationship = _index_table(
+    "policy_relationship",
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("actor", sa.String(160), nullable=False),  # Practitioner/<id>, PractitionerRole/<id>, Organization/<id>, ...
+    sa.Column("until", sa.BigInteger, nullable=True),
+    lookups=(("patient_id", "actor"),))
+# An active Consent's provisions, flattened: one row per provision (`param` its path: "0", "0.1",
+# ...). `effect`: permit | deny, or secondary-opt-out (a National Data Opt-out / Type 1 dissent).
+# A provision applies when each of its `groups` condition groups (its own and its ancestors' actor,
+# class, label, purpose and data lists) has a matching term, within its periods.
+policy_consent = _index_table(
+    "policy_consent",
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("depth", sa.Integer, nullable=False),
+    sa.Column("effect", sa.String(24), nullable=False),
+    sa.Column("explicit", sa.Boolean, nullable=False),  # names actors or labels: the patient's own choice
+    sa.Column("groups", sa.Integer, nullable=False),
+    sa.Column("lo", sa.BigInteger, nullable=True),  # in force from (NULL: always)
+    sa.Column("hi", sa.BigInteger, nullable=True),  # in force until (NULL: no end)
+    sa.Column("data_lo", sa.BigInteger, nullable=True),  # dataPeriod
+    sa.Column("data_hi", sa.BigInteger, nullable=True),
+    lookups=(("patient_id", "effect"),))
+# The values a flattened provision's condition groups name; `param` is the provision's path, `grp`
+# the group. actor: (None, "Type/id"), class: (None, type), label: (system, code), purpose:
+# (system, code), data: (None, "Type/id").
+policy_consent_term = _index_table(
+    "policy_consent_term",
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("grp", sa.Integer, nullable=False),
+    sa.Column("system", sa.String(255), nullable=True),
+    sa.Column("code", sa.String(255), nullable=False),
+    lookups=(("resource_pk", "param", "kind", "code"),))
+
 INDEX_TABLES: dict[str, sa.Table] = {
     "token": search_token, "string": search_string, "date": search_date, "reference": search_reference,
     "number": search_number, "quantity": search_quantity, "uri": search_uri,
+    "policy_subject": policy_subject, "policy_relationship": policy_relationship,
+    "policy_consent": policy_consent, "policy_consent_term": policy_consent_term,
 }
 
 # Key-value facts about the stored data itself, e.g. which version of index extraction built it.
@@ -171,6 +221,8 @@ export_job = sa.Table(
     # Who kicked it off (`issuer|subject` of the token; None without authentication): only they
     # may poll, download or cancel it.
     sa.Column("requester", sa.String(512), nullable=True),
+    # The requester's policy attributes (consent/policy.py), JSON: the worker exports what they may see.
+    sa.Column("principal", sa.Text, nullable=True),
 )
 
 # The NDJSON output: each file is a run of chunks (~1 MB each), written and served one at a time.
@@ -256,4 +308,31 @@ auth_revoked = sa.Table(
     sa.Column("jti", sa.String(64), primary_key=True),
     sa.Column("expires_at", sa.BigInteger, nullable=False),
     sa.Index("ix_auth_revoked_expires", "expires_at"),
+)
+
+# Break-glass (consent/break_glass.py): a clinician's emergency access to one patient's record,
+# with the reason they gave, and every request made under it. Kept for IG review.
+break_glass = sa.Table(
+    "break_glass", metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("requester", sa.String(512), nullable=False),  # issuer|subject
+    sa.Column("fhir_user", sa.String(255), nullable=True),
+    sa.Column("organization", sa.String(255), nullable=True),
+    sa.Column("patient_id", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("started", sa.BigInteger, nullable=False),  # microseconds since the epoch
+    sa.Column("expires", sa.BigInteger, nullable=False),
+    sa.Index("ix_break_glass_requester", "requester", "expires"),
+    sa.Index("ix_break_glass_started", "started"),
+)
+break_glass_access = sa.Table(
+    "break_glass_access", metadata,
+    sa.Column("seq", BigPK, primary_key=True, autoincrement=True),
+    sa.Column("grant_id", sa.String(36), sa.ForeignKey("break_glass.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("resources", sa.Text, nullable=False),  # JSON list of "Type/id" read
+    sa.Index("ix_break_glass_access_grant", "grant_id", "seq"),
 )
