@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from consent import cli as policy_cli
 from fhir_server.auth import cli as auth_cli
 from fhir_server.auth.demo import demo_instructions, register_demo
 from fhir_server.auth.server import AuthServer
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                           help="folder for rejected.ndjson (replayable) and errors.ndjson")
     load_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     auth_cli.add_parsers(sub)
+    policy_cli.add_parsers(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -66,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         return load_files(settings, args)
     if args.command in auth_cli.COMMANDS:
         status = auth_cli.run(args, service.store, settings)
+        engine.dispose()
+        return status
+    if args.command in policy_cli.COMMANDS:
+        status = policy_cli.run(args, service.store, settings)
         engine.dispose()
         return status
     if args.demo:
