@@ -108,7 +108,8 @@ def _entry(i: int, raw: Any, outer: FhirRequest) -> Entry:
         resource = None
     full_url = raw.get("fullUrl") if isinstance(raw.get("fullUrl"), str) else None
     return FhirRequest("GET" if method == "HEAD" else method, path, parse_qsl(query, keep_blank_values=True),
-                       headers, body, outer.base_url, resource=resource, principal=outer.principal), full_url
+                       headers, body, outer.base_url, resource=resource, principal=outer.principal,
+                       policy=outer.policy), full_url
 
 
 def _patch_document(i: int, resource: Any) -> bytes:

@@ -38,6 +38,9 @@ class FhirRequest:
     # Who asks (from the validated access token); None only when token checks are off. Bundle
     # entries carry the Bundle's.
     principal: Principal | None = None
+    # The access policy decided for the principal when the request started (consent/policy.py);
+    # Bundle entries carry the Bundle's.
+    policy: Any = None
 
     def param(self, name: str) -> str | None:
         return next((v for k, v in self.params if k == name), None)

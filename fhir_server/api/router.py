@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -24,6 +24,7 @@ from fhir_server.auth.discovery import rest_security
 from fhir_server.auth.urls import AuthUrls
 from fhir_server.api.messages import FHIR_JSON, JSON_PATCH, FhirRequest, FhirResponse, json_response, outcome_response
 from fhir_server.auth.access import Access, forbidden
+from consent.policy import BREAK_GLASS_HEADER, PolicyDecisionPoint, RequestPolicy
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
 from fhir_server.search.params import UNITS
@@ -57,7 +58,8 @@ class FhirRouter:
         self.default_page_size = default_page_size
         self.max_page_size = max_page_size
         self.types = frozenset(supported_resource_types())
-        self.exports = BulkExport(service.store, self.types, export_chunk_bytes)
+        self.pdp = PolicyDecisionPoint(service, self.types)
+        self.exports = BulkExport(service.store, self.types, export_chunk_bytes, self.pdp.for_export)
 
     @staticmethod
     def is_single_row_read(req: FhirRequest) -> bool:
@@ -68,10 +70,18 @@ class FhirRouter:
         return len(parts) == 2 and not parts[1].startswith(("_", "$")) or len(parts) == 4 and parts[2] == "_history"
 
     def handle(self, req: FhirRequest) -> FhirResponse:
+        """One request, with the principal's policy decided at its start and completed at its end."""
         try:
-            return self._dispatch(req)
+            if req.principal is not None and req.policy is None:
+                req.policy = self.pdp.for_principal(req.principal, req.base_url, req.headers.get(BREAK_GLASS_HEADER),
+                                                    _patient_of(req))
+            response = self._dispatch(req)
         except FhirError as exc:
-            return outcome_response(exc.status, exc.issues, exc.headers)
+            response = outcome_response(exc.status, exc.issues, exc.headers)
+        if isinstance(req.policy, RequestPolicy):
+            self.pdp.complete(req.policy, req.method, f"{req.path}" + (f"?{req.query}" if req.params else ""),
+                              response.status)
+        return response
 
     def _dispatch(self, req: FhirRequest) -> FhirResponse:
         route, parts = self._route(req)
@@ -106,8 +116,8 @@ class FhirRouter:
 
     def _svc(self, req: FhirRequest) -> FhirService:
         """The service as this request's principal may use it."""
-        access = self._access(req, self.types)
-        return self.service if access is None or access.reaches_every_row else self.service.restricted(access)
+        policy: RequestPolicy | None = req.policy
+        return self.service if policy is None or policy.unrestricted else self.service.restricted(policy)
 
     def _authorize_entry(self, req: FhirRequest) -> None:
         """A Bundle entry's interaction-level check, before a transaction runs any entry."""
@@ -115,11 +125,12 @@ class FhirRouter:
         self._authorize(req, route, parts)
 
     def _authorize(self, req: FhirRequest, route: Route, parts: list[str]) -> None:
-        """403 unless the principal's scopes allow this interaction on its type(s)."""
-        access = self._access(req, self.types)
+        """403 unless the principal's scopes and roles allow this interaction on its type(s)."""
         kind = route.interaction
-        if access is None or kind in ("capabilities", "transaction", "batch"):
+        scopes = self._access(req, self.types)
+        if scopes is None or kind in ("capabilities", "transaction", "batch"):
             return  # a Bundle's entries are checked one by one
+        access = _Gate(scopes, req.policy, "search-compartment" if route.level == "compartment" else kind)
         rtype = parts[0] if route.shape.startswith("{type}") else ""
         conditional = route.level == "type"
         if kind in ("read", "vread", "history-instance"):
@@ -148,7 +159,7 @@ class FhirRouter:
         else:
             raise forbidden(f"{kind} is not covered by SMART scopes here")
 
-    def _require_types(self, req: FhirRequest, access: Access, permission: str) -> None:
+    def _require_types(self, req: FhirRequest, access: _Gate, permission: str) -> None:
         """Every type `_type` names must be allowed; without `_type`, at least one (the others
         are left out of the search)."""
         raw = req.param("_type")
@@ -159,7 +170,7 @@ class FhirRouter:
         elif not access.permitted_types(permission, self.types):
             raise forbidden("The access token allows no resource type to be searched")
 
-    def _authorize_export(self, req: FhirRequest, access: Access, route: Route, parts: list[str]) -> None:
+    def _authorize_export(self, req: FhirRequest, access: _Gate, route: Route, parts: list[str]) -> None:
         """Bulk Data: `system/` or `user/` read scopes (v1 `.read`, v2 `.rs`) for each exported type;
         `patient/` scopes do not export. Status, files and cancel need some such scope too."""
         if route.handler in (FhirRouter.export_status, FhirRouter.export_cancel, FhirRouter.export_file):
@@ -178,10 +189,11 @@ class FhirRouter:
 
     def _export_types(self, req: FhirRequest, level: str) -> list[str]:
         """The types an export without `_type` holds: those the principal may bulk-read."""
-        access = self._access(req, self.types)
+        scopes = self._access(req, self.types)
         candidates = self.types if level == "system" else frozenset(patient_compartment()) & self.types
-        if access is None:
+        if scopes is None:
             return sorted(candidates)
+        access = _Gate(scopes, req.policy, "$export")
         return [t for t in sorted(candidates) if access.permits("r", t, bulk=True) and access.permits("s", t, bulk=True)]
 
     # -- handlers -------------------------------------------------------------------------------
@@ -222,7 +234,7 @@ class FhirRouter:
         if req.principal is not None and not req.param("_type"):  # only the types the token may export
             req = replace(req, params=[*req.params, ("_type", ",".join(self._export_types(req, level)))])
         job_id = self.exports.kick_off(level, group_id, req.params, request, req.prefer("handling") == "lenient",
-                                       _requester(req))
+                                       _requester(req), req.policy.principal_json() if req.policy else None)
         status_url = f"{req.base_url}/$export-poll-status?{urlencode({'_jobId': job_id})}"
         return outcome_response(202, [Issue("informational", f"Export started; its status is at {status_url}",
                                             severity="information")], {"Content-Location": status_url})
@@ -360,8 +372,10 @@ class FhirRouter:
     def _system_types(self, req: FhirRequest) -> tuple[str, ...]:
         raw = req.param("_type")
         if not raw:
-            access = self._access(req, self.types)
-            return tuple(sorted(self.types)) if access is None else access.permitted_types("s", sorted(self.types))
+            scopes = self._access(req, self.types)
+            if scopes is None:
+                return tuple(sorted(self.types))
+            return _Gate(scopes, req.policy, "search-system").permitted_types("s", sorted(self.types))
         types = tuple(t.strip() for t in raw.split(",") if t.strip())
         unknown = [t for t in types if t not in self.types]
         if unknown:
@@ -377,6 +391,8 @@ class FhirRouter:
         if total_mode not in ("none", "estimate", "accurate"):
             raise error(400, "invalid", f"Parameter '_total': '{total_mode}' is not none, estimate or accurate")
         count = 0 if summary == "count" else self._page_size(req)
+        if isinstance(req.policy, RequestPolicy):
+            req.policy.check_search(types, req.params)
         page, matches, included, ignored = self._svc(req).search(
             types, req.params, strict=strict, base_url=req.base_url, count=count, cursor=req.param("_cursor"),
             want_total=summary == "count" or total_mode != "none", compartment=compartment)
@@ -479,6 +495,45 @@ def _with_form(req: FhirRequest) -> FhirRequest:
         raise error(415, "not-supported", "POST _search takes application/x-www-form-urlencoded parameters")
     form = parse_qsl((req.body or b"").decode(), keep_blank_values=True)
     return replace(req, params=[*req.params, *form], path=req.path.rsplit("/_search", 1)[0], body=None)
+
+
+class _Gate:
+    """A principal's SMART scopes and its roles' rules, asked together: every check passes both."""
+
+    def __init__(self, scopes: Access, policy: RequestPolicy | None, interaction: str) -> None:
+        self.scopes, self.policy, self.interaction = scopes, policy, interaction
+
+    def require(self, permissions: str, rtype: str, bulk: bool = False) -> None:
+        self.scopes.require(permissions, rtype, bulk)
+        if self.policy is not None:
+            self.policy.require(self.interaction, rtype)
+
+    def require_any(self, permissions: str, rtype: str) -> None:
+        self.scopes.require_any(permissions, rtype)
+        if self.policy is not None:
+            self.policy.require(self.interaction, rtype)
+
+    def permits(self, permission: str, rtype: str, bulk: bool = False) -> bool:
+        return self.scopes.permits(permission, rtype, bulk) and (
+            self.policy is None or self.policy.allows(self.interaction, rtype))
+
+    def permitted_types(self, permission: str, types: Iterable[str], bulk: bool = False) -> tuple[str, ...]:
+        return tuple(t for t in types if self.permits(permission, t, bulk))
+
+
+def _patient_of(req: FhirRequest) -> str | None:
+    """The one patient a request is about, if it names one: `Patient/[id]...`, or a `patient` or
+    `subject` search parameter naming a single Patient (break-glass opens access to them)."""
+    parts = req.path.strip("/").split("/")
+    if parts[0] == "Patient" and len(parts) > 1 and not parts[1].startswith(("_", "$")):
+        return parts[1]
+    for name, value in req.params:
+        base = name.split(":", 1)[0]
+        if base in ("patient", "subject") and "," not in value:
+            ref = value.rstrip("/").split("/")
+            if len(ref) == 1 and base == "patient" or len(ref) >= 2 and ref[-2] == "Patient":
+                return ref[-1]
+    return None
 
 
 def _job_id(req: FhirRequest) -> str:

@@ -33,6 +33,9 @@ MAX_INCLUDE_ITERATIONS = 4
 # any) -> the condition on the rows it may reach, None for all. Applied to the rows chains, `_has`
 # and includes reach, as the caller applies it to the matches.
 Reach = Callable[[sa.FromClause, "str | None"], "sa.ColumnElement[bool] | None"]
+# And a condition on a row of (type, parameter code) matched through alias `r`, when the policy
+# withholds what that parameter indexes from some rows (a restricted patient's address).
+Guard = Callable[[str, str, sa.FromClause], "sa.ColumnElement[bool] | None"]
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,11 @@ class Search:
 
 
 def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: bool, base_url: str,
-                 r: sa.FromClause = resource, reach: Reach | None = None) -> Search:
+                 r: sa.FromClause = resource, reach: Reach | None = None, guard: Guard | None = None) -> Search:
     """Parse search parameters for `types` into conditions on `r`. Unknown parameters are ignored
     (and reported) unless `strict`; malformed values are always a 400 naming the parameter.
-    `reach`: the caller's policy, applied to the resources chains and `_has` look at."""
+    `reach`: the caller's policy, applied to the resources chains and `_has` look at; `guard`: its
+    conditions on what particular parameters match."""
     search = Search(types)
     ranges = _date_ranges(types, params)
     for name, raw in params:
@@ -73,10 +77,10 @@ def parse_search(types: tuple[str, ...], params: list[tuple[str, str]], strict: 
         if name in ranges:
             if name not in search.criteria_names:  # the whole range once, at its first occurrence
                 search.criteria.extend((name, v) for v in ranges[name])
-                search.conditions.append(DateUnit(for_type(types[0])[name], types[0], None, name)
-                                         .clause_and(r, ranges[name]))
+                search.conditions.append(_guarded(DateUnit(for_type(types[0])[name], types[0], None, name)
+                                                  .clause_and(r, ranges[name]), types[0], name, r, guard))
             continue
-        cond = condition(types, name, raw, r, base_url, strict, reach=reach)
+        cond = condition(types, name, raw, r, base_url, strict, reach=reach, guard=guard)
         if cond is None:
             search.ignored.append(name)
             continue
@@ -107,7 +111,8 @@ def _date_ranges(types: tuple[str, ...], params: list[tuple[str, str]]) -> dict[
 
 
 def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, base_url: str,
-              strict: bool, depth: int = 0, reach: Reach | None = None) -> sa.ColumnElement[bool] | None:
+              strict: bool, depth: int = 0, reach: Reach | None = None,
+              guard: Guard | None = None) -> sa.ColumnElement[bool] | None:
     """The condition for one parameter over the given types (ORed across types), or None if unknown."""
     if depth > MAX_CHAIN_DEPTH:
         raise error(400, "too-costly", f"'{name}': chains are limited to {MAX_CHAIN_DEPTH} levels")
@@ -119,7 +124,7 @@ def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, bas
         return unit.clause(r, raw)
     per_type = []
     for rtype in types:
-        cond = _type_condition(rtype, name, raw, r, base_url, strict, depth, reach)
+        cond = _type_condition(rtype, name, raw, r, base_url, strict, depth, reach, guard)
         if cond is not None:
             per_type.append(cond if len(types) == 1 else sa.and_(r.c.type == rtype, cond))
     if not per_type:
@@ -130,20 +135,27 @@ def condition(types: tuple[str, ...], name: str, raw: str, r: sa.FromClause, bas
 
 
 def _type_condition(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, strict: bool,
-                    depth: int, reach: Reach | None = None) -> sa.ColumnElement[bool] | None:
+                    depth: int, reach: Reach | None = None, guard: Guard | None = None) -> sa.ColumnElement[bool] | None:
     if name.startswith("_has:"):
-        return _has(rtype, name, raw, r, base_url, strict, depth, reach)
+        return _has(rtype, name, raw, r, base_url, strict, depth, reach, guard)
     head, dot, rest = name.partition(".")
     code, _, modifier = head.partition(":")
     param = for_type(rtype).get(code)
     if param is None:
         return None
     if dot:
-        return _chain(rtype, param, modifier or None, rest, raw, r, base_url, strict, depth, name, reach)
+        return _guarded(_chain(rtype, param, modifier or None, rest, raw, r, base_url, strict, depth, name, reach,
+                               guard), rtype, code, r, guard)
     unit = make_unit(param, rtype, modifier or None, name)
     if isinstance(unit, ReferenceUnit):
         raw = ",".join(_relative(v, base_url) for v in split_escaped(raw, ","))
-    return unit.clause(r, raw)
+    return _guarded(unit.clause(r, raw), rtype, code, r, guard)
+
+
+def _guarded(cond: sa.ColumnElement[bool], rtype: str, code: str, r: sa.FromClause,
+             guard: Guard | None) -> sa.ColumnElement[bool]:
+    extra = guard(rtype, code, r) if guard is not None else None
+    return cond if extra is None else sa.and_(cond, extra)
 
 
 def make_unit(param: SearchParameter, rtype: str | None, modifier: str | None, name: str) -> Unit:
@@ -165,7 +177,7 @@ def _relative(value: str, base_url: str) -> str:
 
 def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: str, raw: str,
            r: sa.FromClause, base_url: str, strict: bool, depth: int, name: str,
-           reach: Reach | None = None) -> sa.ColumnElement[bool]:
+           reach: Reach | None = None, guard: Guard | None = None) -> sa.ColumnElement[bool]:
     """`subject:Patient.name=x`: resources whose reference points to a resource matching `name=x`."""
     if param.type != "reference":
         raise error(400, "invalid", f"'{name}': only reference parameters can be chained")
@@ -174,7 +186,7 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
     ors = []
     for target in targets:
         inner_r = resource.alias()
-        inner = condition((target,), rest, raw, inner_r, base_url, False, depth + 1, reach)
+        inner = condition((target,), rest, raw, inner_r, base_url, False, depth + 1, reach, guard)
         if inner is None:
             continue
         matching_ids = sa.select(inner_r.c.id).where(inner_r.c.type == target, inner_r.c.deleted.is_(False), inner)
@@ -189,7 +201,7 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
 
 
 def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, strict: bool,
-         depth: int, reach: Reach | None = None) -> sa.ColumnElement[bool]:
+         depth: int, reach: Reach | None = None, guard: Guard | None = None) -> sa.ColumnElement[bool]:
     """`_has:CareTeam:patient:participant=X`: resources referred to (by CareTeam.patient) from a
     CareTeam matching `participant=X`. The referring type passes the same rules as a direct search."""
     parts = name.split(":", 3)
@@ -200,7 +212,7 @@ def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, stric
     if ref is None or ref.type != "reference":
         raise error(400, "invalid", f"'{name}': {source} has no reference parameter '{ref_code}'")
     src = resource.alias()
-    inner = condition((source,), rest, raw, src, base_url, True, depth + 1, reach)
+    inner = condition((source,), rest, raw, src, base_url, True, depth + 1, reach, guard)
     sr = search_reference.alias()
     referrers = sa.select(src.c.pk).where(src.c.type == source, src.c.deleted.is_(False), inner)
     if reach is not None and (allowed := reach(src, source)) is not None:

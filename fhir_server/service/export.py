@@ -17,9 +17,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import sqlalchemy as sa
@@ -31,6 +31,7 @@ from fhir_server.service.timefmt import now_us, parse_instant, to_instant
 from fhir_server.storage import export as jobs
 from fhir_server.storage.export import Chunk, ExportFile, Job
 from fhir_server.storage.repository import Store
+from fhir_server.storage.schema import resource
 
 log = logging.getLogger("carebroker.export")
 
@@ -54,6 +55,17 @@ CLEANUP_SECONDS = 60
 MAX_ATTEMPTS = 10  # claims by workers that then died: a job that keeps killing its worker fails
 
 
+class ExportPolicy(Protocol):
+    """What the requester may see (consent/policy.py): rows, and each resource as shown to them."""
+
+    unrestricted: bool
+
+    def where(self, permission: str, types: Sequence[str] | None,
+              r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
+
+    def present_content(self, rtype: str, rid: str, content: str) -> str: ...
+
+
 class LeaseLost(Exception):
     """The job was cancelled, or another worker took it over: stop without writing anything more."""
 
@@ -61,18 +73,21 @@ class LeaseLost(Exception):
 class BulkExport:
     """Export jobs over the store: the API side (kick-off, status, cancel, files) and the worker side."""
 
-    def __init__(self, store: Store, types: frozenset[str], chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, store: Store, types: frozenset[str], chunk_bytes: int = CHUNK_BYTES,
+                 policy_for: Callable[[str], ExportPolicy] | None = None) -> None:
         self.store = store
         self.types = types  # the resource types this server supports
         self.chunk_bytes = chunk_bytes
+        self.policy_for = policy_for  # a job's recorded requester -> what they may see
 
     # -- the API side -----------------------------------------------------------------------------
 
     def kick_off(self, level: str, group_id: str | None, params: list[tuple[str, str]], request: str,
-                 lenient: bool = False, requester: str | None = None) -> str:
+                 lenient: bool = False, requester: str | None = None, principal: str | None = None) -> str:
         """Record a job for a system, Patient or Group (`group_id`) level export; its id. Parameters
         this server does not support are a 400 (the IG forbids ignoring them) unless `lenient`.
-        `requester` (who asked, as `issuer|subject`) is the only one who may see the job afterwards."""
+        `requester` (who asked, as `issuer|subject`) is the only one who may see the job afterwards;
+        `principal` (their policy attributes) decides what the job exports."""
         unsupported = list(dict.fromkeys(k for k, _ in params if k not in PARAMETERS | PASSIVE_PARAMETERS))
         if unsupported and not lenient:
             raise error(400, "not-supported", f"$export parameter(s) not supported here: {', '.join(unsupported)}")
@@ -88,7 +103,7 @@ class BulkExport:
         transaction_time = now - 1000
         with self.store.writing() as conn:
             jobs.insert_job(conn, job_id, level, group_id, types, since, request, transaction_time, now,
-                            now + EXPIRY_US, requester)
+                            now + EXPIRY_US, requester, principal)
             if group_id is not None:
                 group = self.store.head(conn, "Group", group_id)
                 if group is None or group.deleted:
@@ -182,10 +197,15 @@ class BulkExport:
 
     def _export(self, job: Job, owner: str, stop: threading.Event) -> None:
         patients = jobs.group_patients(job.id) if job.level == "group" else None
+        policy = self.policy_for(job.principal) if job.principal and self.policy_for else None
+        if policy is not None and policy.unrestricted:
+            policy = None
         renewed = time.monotonic()
         while job.type_index < len(job.types):
             rtype = job.types[job.type_index]
             condition = None if job.level == "system" else in_patient_compartments(rtype, patients)
+            if policy is not None and (allowed := policy.where("s", (rtype,), resource)) is not None:
+                condition = allowed if condition is None else sa.and_(condition, allowed)
             with self.store.single_read() as conn:
                 top = jobs.max_pk(conn, rtype)  # anything above came later than the transaction time
             buffer, count, after, window, limit = bytearray(), 0, job.after_pk, BATCH, FIRST_BATCH
@@ -198,6 +218,8 @@ class BulkExport:
                     rows = jobs.snapshot_batch(conn, rtype, after, upto, job.transaction_time, job.since, condition,
                                                limit)
                 for pk, content in rows:
+                    if policy is not None:
+                        content = policy.present_content(rtype, "", content)
                     buffer += content.encode()
                     buffer += b"\n"
                     count += 1

@@ -65,14 +65,24 @@ def parse_etag(value: str) -> int:
 
 
 class RowPolicy(Protocol):
-    """Which rows a caller may reach (the auth layer's `Access`): a condition on a resource table
-    alias for the rows of `types` (None: any type) that a permission letter (`cruds`) reaches, None
-    when it reaches them all; and the one patient every grant is bound to, if so."""
+    """What a caller may reach and see (consent/policy.py's `RequestPolicy`): a condition on a
+    resource table alias for the rows of `types` (None: any type) that a permission letter (`cruds`)
+    reaches, None when it reaches them all; an extra condition on rows matched by a search
+    parameter; the one patient every grant is bound to, if so; the answer to a read of a row out of
+    reach; each version as shown to the caller; and each resource the caller writes, as stored."""
 
     def where(self, permission: str, types: Sequence[str] | None,
               r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
 
+    def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
+
     def pinned_patient(self) -> str | None: ...
+
+    def refusal(self, conn: sa.Connection, rtype: str, rid: str) -> FhirError: ...
+
+    def present(self, v: Version) -> Version: ...
+
+    def admit(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class FhirService:
@@ -111,10 +121,20 @@ class FhirService:
             resource.c.type == rtype, resource.c.id == rid, resource.c.deleted.is_(False), cond)).first() is not None
 
     def _check_readable(self, conn: sa.Connection, rtype: str, rid: str) -> None:
-        """A read outside the token's reach is a 404, as for a resource that does not exist: the
-        answer must not tell another patient's record exists."""
+        """A read outside the caller's reach answers as the policy says, the same whether or not the
+        resource exists: the answer must not tell another patient's record exists."""
         if not self._reachable(conn, "r", rtype, rid):
-            raise error(404, "not-found", f"{rtype}/{rid} is not known")
+            assert self.policy is not None
+            raise self.policy.refusal(conn, rtype, rid)
+
+    def _shown(self, versions: list[Version]) -> list[Version]:
+        """Versions as the caller may see them (redacted, de-identified)."""
+        return versions if self.policy is None else [self.policy.present(v) for v in versions]
+
+    def _incoming(self, rtype: str, body: Any) -> dict[str, Any]:
+        """A body to write: a `rtype` resource, as the caller's policy stores it (its custodian)."""
+        self._check_body(rtype, body)
+        return body if self.policy is None else self.policy.admit(rtype, body)
 
     def _check_writable(self, conn: sa.Connection, permission: str, rtype: str, rid: str, after: bool) -> None:
         if not self._reachable(conn, permission, rtype, rid):
@@ -128,7 +148,8 @@ class FhirService:
     def read(self, rtype: str, rid: str) -> Version:
         with self.store.single_read() as conn:
             self._check_readable(conn, rtype, rid)
-            return _live(self.store.current(conn, rtype, rid), rtype, rid)
+            found = _live(self.store.current(conn, rtype, rid), rtype, rid)
+        return found if self.policy is None else self.policy.present(found)
 
     def vread(self, rtype: str, rid: str, vid: str) -> Version:
         if not vid.isdigit():
@@ -140,7 +161,7 @@ class FhirService:
             raise error(404, "not-found", f"{rtype}/{rid} has no version {vid}")
         if found.deleted:
             raise error(410, "deleted", f"Version {vid} of {rtype}/{rid} is a deletion")
-        return found
+        return found if self.policy is None else self.policy.present(found)
 
     def history(self, rtype: str | None, rid: str | None, since: int | None, count: int,
                 before_seq: int | None = None, after_seq: int | None = None) -> HistoryPage:
@@ -154,6 +175,7 @@ class FhirService:
                 extra.append(sa.select(resource.c.pk).where(cond))
             rows = self.store.history(conn, rtype, rid, since, before_seq, after_seq, count + 1, *extra)
             total = self.store.count_history(conn, rtype, rid, since) if rtype and rid else None
+        rows = self._shown(rows)
         more = len(rows) > count
         if after_seq is not None:  # paging backwards: the extra row is the oldest, at the end
             return HistoryPage(rows[-count:] if more else rows, total, True)
@@ -164,7 +186,8 @@ class FhirService:
                compartment: str | None = None) -> tuple[Page, list[Version], list[Version], list[str]]:
         """Run a search in one snapshot: (page, matches in order, included resources, ignored parameters)."""
         reach = self._search_reach if self.policy is not None else None
-        search = parse_search(types, params, strict, base_url, reach=reach)
+        guard = self.policy.guard if self.policy is not None else None
+        search = parse_search(types, params, strict, base_url, reach=reach, guard=guard)
         extra = [compartment_condition(types[0], compartment, resource)] if compartment else []
         if (cond := self._where("s", types)) is not None:
             extra.append(cond)
@@ -172,7 +195,7 @@ class FhirService:
             page = run_search(conn, search, extra, count, cursor, want_total, reach=reach)
             matches = self.store.current_by_pks(conn, page.pks)
             included = self.store.current_by_pks(conn, page.included)
-        return page, matches, included, search.ignored
+        return page, self._shown(matches), self._shown(included), search.ignored
 
     def everything(self, patients: list[str] | None, types: tuple[str, ...], since: int | None, count: int,
                    cursor: str | None) -> tuple[Page, list[Version], list[Version]]:
@@ -190,7 +213,7 @@ class FhirService:
                 self._check_readable(conn, "Patient", pid)
                 _live(self.store.head(conn, "Patient", pid), "Patient", pid)
             page = run_search(conn, everything_search(patients, types, since), extra, count, cursor, want_total=True)
-            found = self.store.current_by_pks(conn, page.pks)
+            found = self._shown(self.store.current_by_pks(conn, page.pks))
         compartment_types = patient_compartment()
         return (page, [v for v in found if v.type in compartment_types],
                 [v for v in found if v.type not in compartment_types])
@@ -251,7 +274,7 @@ class FhirService:
                rid: str | None = None) -> Result:
         """POST: a new resource with a server id (`rid`: one chosen beforehand, by a transaction that
         rewrote references to it)."""
-        self._check_body(rtype, body)
+        body = self._incoming(rtype, body)
         validate_resource(body)
         index = _early_index(body)
 
@@ -286,7 +309,7 @@ class FhirService:
 
     def update(self, rtype: str, rid: str, body: dict[str, Any], if_match: str | None = None) -> Result:
         check_id(rid)
-        self._check_body(rtype, body)
+        body = self._incoming(rtype, body)
         self._check_body_id(rtype, rid, body)
         validate_resource(body)
         expected = parse_etag(if_match) if if_match else None
@@ -296,7 +319,7 @@ class FhirService:
     def conditional_update(self, rtype: str, query: str, body: dict[str, Any],
                            if_match: str | None = None, rid: str | None = None) -> Result:
         """PUT by criteria; `rid`: the id to create with when nothing matches and the body has none."""
-        self._check_body(rtype, body)
+        body = self._incoming(rtype, body)
         validate_resource(body)
         index = _early_index(body)
         expected = parse_etag(if_match) if if_match else None
@@ -399,6 +422,7 @@ class FhirService:
             raise error(422, "processing", f"JSON Patch cannot be applied: {exc}") from None
         if not isinstance(patched, dict) or patched.get("resourceType") != rtype or patched.get("id") != rid:
             raise error(422, "processing", "A patch may not change the resourceType or id")
+        patched = self._incoming(rtype, patched)
         validate_resource(patched)
         return self._update_in(conn, rtype, rid, patched, expected, "PATCH")
 
@@ -439,7 +463,7 @@ class FhirService:
         prepared: dict[tuple[str, str], tuple[dict[str, Any], IndexRows | None]] = {}
         for res in resources:
             rtype = res.get("resourceType", "") if isinstance(res, dict) else ""
-            self._check_body(rtype, res)
+            res = self._incoming(rtype, res)
             rid = check_id(str(res.get("id", "")))
             validate_resource(res, structure=validate)
             prepared[(rtype, rid)] = (res, _early_index(res))

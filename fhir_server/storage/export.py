@@ -37,6 +37,7 @@ class Job:
     exported: int
     error: str | None
     requester: str | None
+    principal: str | None  # JSON: the requester's policy attributes
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,11 @@ def _job(row: Any) -> Job:
 
 def insert_job(conn: sa.Connection, job_id: str, level: str, group_id: str | None, types: Sequence[str],
                since: int | None, request: str, transaction_time: int, now: int, expires: int,
-               requester: str | None) -> None:
+               requester: str | None, principal: str | None = None) -> None:
     conn.execute(export_job.insert().values(
         id=job_id, status="queued", level=level, group_id=group_id, types=",".join(types), since=since,
         request=request, transaction_time=transaction_time, created=now, expires=expires, attempts=0,
-        type_index=0, after_pk=0, file_no=0, part=0, exported=0, requester=requester))
+        type_index=0, after_pk=0, file_no=0, part=0, exported=0, requester=requester, principal=principal))
 
 
 def add_group_patients(conn: sa.Connection, job_id: str, group_pk: int) -> None:

@@ -1,0 +1,469 @@
+"""The policy decision point: one `RequestPolicy` per request, asked by every read and write path.
+
+It follows the consent-service lifecycle: it is built when a request starts (the caller's roles,
+their PractitionerRoles and care teams, any break-glass grants), it says inside each query which
+rows the caller can see (`where`: SQL conditions over the policy fact tables, so pages are full and
+totals honest, and chains, `_has` and includes reach only visible rows), it shapes what is shown
+(`present`: redaction of restricted patients, de-identification for analysts), and it completes
+(`complete`: break-glass accesses recorded durably).
+
+The SMART scopes (fhir_server/auth/access.py) and the role rules (consent/rules.py) both apply: a
+row must pass both.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+
+from consent import facts
+from consent.deidentify import Pseudonymiser, check_analyst_search, deidentify
+from consent.break_glass import BreakGlassLog
+from consent.rules import DIRECTORY, NO_ROLE, ROLE_RULES, SYSTEM_CLIENT, WRITE, RoleRule
+from fhir_server import jsonfmt
+from fhir_server.auth.access import Access, forbidden
+from fhir_server.auth.principal import EMERGENCY_PURPOSE, Principal, principal_from_claims
+from fhir_server.outcome import FhirError, error
+from fhir_server.search.values import MAX_US, MIN_US
+from fhir_server.service.timefmt import now_us
+from fhir_server.service.interactions import FhirService
+from fhir_server.storage.repository import Version
+from fhir_server.storage.schema import (policy_consent, policy_consent_term, policy_relationship, policy_subject,
+                                        resource, search_token)
+
+REDACTED_PATIENT_ELEMENTS = ("address", "telecom", "generalPractitioner", "contact", "photo")
+SUBSETTED = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+# Patient search parameters over the elements withheld from restricted patients: outside the
+# custodian they match only patients that are not restricted, so a search cannot reveal them.
+REDACTED_PATIENT_PARAMS = frozenset({"address", "address-city", "address-country", "address-postalcode",
+                                     "address-state", "address-use", "email", "phone", "telecom",
+                                     "general-practitioner"})
+
+
+@dataclass
+class Caller:
+    """What the rows are checked against: the references that stand for the caller (their
+    Practitioner, PractitionerRoles, organisation) and the care teams they belong to, their
+    purpose of use, the patients they hold break-glass grants for, and the time of the request."""
+
+    refs: tuple[str, ...]
+    careteams: tuple[str, ...]
+    organization: str | None
+    purpose: str
+    break_glass: dict[str, str] = field(default_factory=dict)  # patient id -> grant id
+    now: int = 0
+
+
+class RequestPolicy:
+    """The caller's scopes and roles applied to one request (see the module docstring)."""
+
+    def __init__(self, principal: Principal, access: Access | None, caller: Caller,
+                 pseudonymiser: Callable[[], Pseudonymiser]) -> None:
+        self.principal = principal
+        self.access = access
+        self.caller = caller
+        self.rules = _rules(principal)
+        self._pseudonymiser = pseudonymiser
+        self.seen: list[str] = []  # Type/id of what was shown, while break-glass grants are open
+        self.about: str | None = None  # the one patient the request names, if any
+
+    # -- interactions ----------------------------------------------------------------------------
+
+    @property
+    def unrestricted(self) -> bool:
+        """Every row of every type, as it is stored: no conditions, no shaping."""
+        return all(r.rows == "all" and r.reads is None for r in self.rules) and (
+            self.access is None or self.access.reaches_every_row)
+
+    def allows(self, interaction: str, rtype: str) -> bool:
+        return any(rule.may(interaction, rtype) for rule in self.rules)
+
+    def require(self, interaction: str, rtype: str) -> None:
+        """403 unless one of the caller's roles allows `interaction` on `rtype`."""
+        if not self.allows(interaction, rtype):
+            roles = ", ".join(sorted(self.principal.roles)) or "no carebroker role"
+            raise forbidden(f"{interaction} of {rtype or 'resources'} is not allowed for {roles}")
+
+    def readable_types(self, types: Sequence[str]) -> tuple[str, ...]:
+        return tuple(t for t in types if any(rule.may("search-type", t) for rule in self.rules))
+
+    def check_search(self, types: Sequence[str], params: list[tuple[str, str]]) -> None:
+        """Analysts search only by parameters that cannot single a person out."""
+        if self._kinds() == {"deidentified"}:
+            for rtype in types:
+                check_analyst_search(rtype, params)
+        if self._redacts and "Patient" in types:
+            for code, _desc in _sort_keys(params):
+                if code in REDACTED_PATIENT_PARAMS:
+                    raise forbidden(f"Sorting Patients by '{code}' is not allowed: restricted patients' {code} is withheld")
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def pinned_patient(self) -> str | None:
+        if self._kinds() == {"own"}:
+            return self.principal.patient
+        return self.access.pinned_patient() if self.access is not None else None
+
+    def where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+        """The condition on `r` for the rows of `types` (None: any) that `permission` (a SMART
+        letter: c, r, u, d, s) reaches; None when it reaches them all."""
+        scoped = self.access.where(permission, types, r) if self.access is not None else None
+        roles = self._role_where(permission, types, r)
+        if scoped is None:
+            return roles
+        return scoped if roles is None else sa.and_(scoped, roles)
+
+    def _role_where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+        interaction = {"c": "create", "u": "update", "d": "delete"}.get(permission, "search-type")
+        candidates = list(types) if types is not None else None
+        ors: list[sa.ColumnElement[bool]] = []
+        for rule in self.rules:
+            allowed = _allowed(rule, interaction, candidates)
+            if allowed is None or allowed:
+                rows = self._rows(rule, permission, r)
+                if rows is None and allowed is None:
+                    return None
+                if rows is None:
+                    if candidates is not None and set(allowed or ()) >= set(candidates):
+                        return None
+                    ors.append(r.c.type.in_(sorted(allowed or ())))
+                    continue
+                directory = sorted(t for t in (allowed if allowed is not None else DIRECTORY) if t in DIRECTORY)
+                if directory:
+                    ors.append(r.c.type.in_(directory))
+                if allowed is None:
+                    ors.append(sa.and_(r.c.type.not_in(sorted(DIRECTORY)), rows))
+                else:
+                    record = sorted(t for t in allowed if t not in DIRECTORY)
+                    if record:
+                        ors.append(sa.and_(r.c.type.in_(record) if len(record) > 1 else r.c.type == record[0], rows))
+        if not ors:
+            return sa.false()
+        return ors[0] if len(ors) == 1 else sa.or_(*ors)
+
+    def _rows(self, rule: RoleRule, permission: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+        if rule.rows == "all":
+            return None
+        if rule.rows == "own":
+            ps = policy_subject.alias()
+            return sa.exists().where(ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
+        if rule.rows == "deidentified":
+            return _deidentified_rows(r, self.caller.now)
+        cond = _care_rows(r, self.caller)
+        if permission in ("u", "d"):  # only the custodian's users change or delete its data
+            ps = policy_subject.alias()
+            cond = sa.and_(cond, ~sa.exists().where(ps.c.resource_pk == r.c.pk,
+                                                    sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or "")))
+        return cond
+
+    def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+        """An extra condition on a row matched by search parameter `code` (direct, chained or in
+        `_has`): withheld elements of restricted patients match nothing outside the custodian."""
+        if not (self._redacts and rtype == "Patient" and code in REDACTED_PATIENT_PARAMS):
+            return None
+        ps = policy_subject.alias()
+        return ~sa.exists().where(ps.c.resource_pk == r.c.pk, ps.c.flags.op("&")(facts.RESTRICTED) != 0,
+                                  sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or ""))
+
+    def refusal(self, conn: sa.Connection, rtype: str, rid: str) -> FhirError:
+        """What a read of a row outside reach answers, the same whether or not it exists: for direct
+        care, 403 unless the caller has a relationship with the resource's patient (then 404: the
+        record is theirs to see, this resource is not); otherwise 404."""
+        if self._kinds() & {"care"} and not self._kinds() & {"all"}:
+            ps = policy_subject.alias()
+            related = conn.execute(sa.select(resource.c.pk).where(
+                resource.c.type == rtype, resource.c.id == rid,
+                sa.exists().where(ps.c.resource_pk == resource.c.pk, _related(ps.c.patient_id, self.caller)))).first()
+            if related is None:
+                return forbidden(f"{rtype}/{rid} is not available to you: there is no such resource, or you have "
+                                 "no legitimate relationship with its patient")
+        return error(404, "not-found", f"{rtype}/{rid} is not known")
+
+    # -- what is shown -----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _redacts(self) -> bool:
+        return "care" in self._kinds() and not self._kinds() & {"all"}
+
+    def present(self, v: Version) -> Version:
+        """The version as this caller may see it."""
+        if self.caller.break_glass:
+            self.seen.append(f"{v.type}/{v.id}")
+        if v.content is None:
+            return v
+        kinds = self._kinds()
+        if kinds == {"deidentified"}:
+            pseudo = self._pseudonymiser()
+            shown = deidentify(jsonfmt.loads(v.content), pseudo)
+            return Version(v.type, pseudo.id(v.type, v.id), v.version_id, v.last_updated, v.method,
+                           jsonfmt.dumps(shown).decode(), v.seq)
+        if self._redacts and v.type == "Patient" and '"R"' in v.content:
+            content = self._redacted_patient(v.content)
+            if content is not None:
+                return Version(v.type, v.id, v.version_id, v.last_updated, v.method, content, v.seq)
+        return v
+
+    def present_content(self, rtype: str, rid: str, content: str) -> str:
+        shown = self.present(Version(rtype, rid, 0, 0, "GET", content))
+        assert shown.content is not None
+        return shown.content
+
+    def _redacted_patient(self, content: str) -> str | None:
+        patient = jsonfmt.loads(content)
+        if not facts.label_flags(patient) & facts.RESTRICTED or facts.custodian_of(patient) == self.caller.organization:
+            return None
+        for name in REDACTED_PATIENT_ELEMENTS:
+            patient.pop(name, None)
+        meta = dict(patient.get("meta") or {})
+        meta["tag"] = [*meta.get("tag", []), SUBSETTED]
+        patient["meta"] = meta
+        return jsonfmt.dumps(patient).decode()
+
+    def admit(self, rtype: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A resource this caller writes: it is their organisation's data. Direct-care users may not
+        name another custodian; integration and admin callers (feeds) may."""
+        org = self.principal.organization
+        declared = facts.custodian_of(body)
+        if declared is not None and declared != org and not self._kinds() & {"all"}:
+            raise forbidden(f"{rtype}: you may record data only as your own organisation's ({org or 'none'}), "
+                            f"not as {declared}'s")
+        if declared is None and org is not None:
+            return facts.with_custodian(body, org)
+        return body
+
+    def _kinds(self) -> set[str]:
+        return {rule.rows for rule in self.rules}
+
+    # -- serialisation (an export job runs later, elsewhere) ----------------------------------------
+
+    def principal_json(self) -> str:
+        p = self.principal
+        return json.dumps({"iss": p.issuer, "sub": p.subject, "client_id": p.client_id, "scope": p.scope,
+                           "fhirUser": p.fhir_user, "patient": p.patient, "roles": sorted(p.roles),
+                           "organization": p.organization, "purpose_of_use": p.purpose_of_use})
+
+
+def _rules(principal: Principal) -> list[RoleRule]:
+    rules = [ROLE_RULES[role] for role in sorted(principal.roles) if role in ROLE_RULES]
+    if rules:
+        return rules
+    system_only = principal.scopes and all(s.context == "system" for s in principal.scopes)
+    return [SYSTEM_CLIENT if system_only else NO_ROLE]
+
+
+def _allowed(rule: RoleRule, interaction: str, candidates: list[str] | None) -> list[str] | None:
+    """The candidate types `rule` allows `interaction` on; None: all of them, whatever they are."""
+    if candidates is None:
+        if interaction in WRITE and "*" in rule.writes or interaction not in WRITE and rule.reads is None:
+            return None
+        return sorted(rule.writes if interaction in WRITE else rule.reads or ())
+    return [t for t in candidates if rule.may(interaction, t)]
+
+
+def _sort_keys(params: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+    return [(item.strip().lstrip("-"), item.strip().startswith("-"))
+            for name, raw in params if name == "_sort" for item in raw.split(",") if item.strip()]
+
+
+# -- the conditions -------------------------------------------------------------------------------
+
+def _related(patient: sa.ColumnElement[str], caller: Caller) -> sa.ColumnElement[bool]:
+    """A legitimate relationship with `patient`, or a break-glass grant for them."""
+    rel = policy_relationship.alias()
+    cond: sa.ColumnElement[bool] = sa.exists().where(
+        rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
+        sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)) if caller.refs else sa.false()
+    if caller.break_glass:
+        cond = sa.or_(patient.in_(sorted(caller.break_glass)), cond)
+    return cond
+
+
+def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Caller, deny: bool) -> sa.ColumnElement[bool]:
+    """Whether provision row `c` applies to row `r` (subject row `ps`) for this caller: in force,
+    its dataPeriod met (an undated resource is covered by a deny, never by a permit), and every
+    condition group with a matching term."""
+    t, st = policy_consent_term.alias(), search_token.alias()
+    term = sa.or_(
+        sa.and_(t.c.kind == "actor", t.c.code.in_(caller.refs + caller.careteams)) if caller.refs else sa.false(),
+        sa.and_(t.c.kind == "class", t.c.code == r.c.type),
+        sa.and_(t.c.kind == "purpose", t.c.code == caller.purpose),
+        sa.and_(t.c.kind == "data", t.c.code == r.c.type + "/" + r.c.id),
+        sa.and_(t.c.kind == "label", sa.exists().where(
+            st.c.resource_pk == r.c.pk, st.c.param == "_security", st.c.code == t.c.code,
+            sa.or_(t.c.system.is_(None), st.c.system == t.c.system))),
+    )
+    matched = (sa.select(sa.func.count(sa.distinct(t.c.grp)))
+               .where(t.c.resource_pk == c.c.resource_pk, t.c.param == c.c.param, term).scalar_subquery())
+    no_data_period = sa.and_(c.c.data_lo.is_(None), c.c.data_hi.is_(None))
+    overlaps = sa.and_(ps.c.data_lo < sa.func.coalesce(c.c.data_hi, MAX_US),
+                       ps.c.data_hi > sa.func.coalesce(c.c.data_lo, MIN_US))
+    undated = ps.c.data_lo.is_(None)
+    return sa.and_(
+        sa.or_(c.c.lo.is_(None), c.c.lo <= caller.now), sa.or_(c.c.hi.is_(None), c.c.hi > caller.now),
+        sa.or_(no_data_period, undated, overlaps) if deny else sa.or_(no_data_period, sa.and_(~undated, overlaps)),
+        sa.or_(c.c.groups == 0, matched == c.c.groups))
+
+
+def _denied(ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+    """A Consent of the patient denies this row to this caller: a deny provision applies and no
+    deeper permit of the same Consent does (the deepest applicable provision decides; ties: deny)."""
+    d, p = policy_consent.alias(), policy_consent.alias()
+    return sa.exists().where(
+        d.c.patient_id == ps.c.patient_id, d.c.effect == "deny", _applies(d, ps, r, caller, deny=True),
+        ~sa.exists().where(p.c.resource_pk == d.c.resource_pk, p.c.effect == "permit", p.c.depth > d.c.depth,
+                           _applies(p, ps, r, caller, deny=False)))
+
+
+def _explicitly_permitted(ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+    """A permit naming actors or labels (the patient's own choice) applies, with no deny of the same
+    Consent at its depth or deeper: what opens sensitive data to other organisations."""
+    p, d = policy_consent.alias(), policy_consent.alias()
+    return sa.exists().where(
+        p.c.patient_id == ps.c.patient_id, p.c.effect == "permit", p.c.explicit.is_(True),
+        _applies(p, ps, r, caller, deny=False),
+        ~sa.exists().where(d.c.resource_pk == p.c.resource_pk, d.c.effect == "deny", d.c.depth >= p.c.depth,
+                           _applies(d, ps, r, caller, deny=True)))
+
+
+def _care_rows(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+    """Direct care: a relationship with one of the row's patients, and none of its patients' rules
+    withholding it from a user outside its custodian organisation (REDACTED patient, a Consent's
+    deny, or a sensitive label without an explicit permit)."""
+    ps, ps2 = policy_subject.alias(), policy_subject.alias()
+    foreign = sa.func.coalesce(ps2.c.custodian, "") != (caller.organization or "")
+    withheld = sa.or_(ps2.c.flags.op("&")(facts.HIDDEN) != 0, _denied(ps2, r, caller),
+                      sa.and_(ps2.c.flags.op("&")(facts.SENSITIVE) != 0, ~_explicitly_permitted(ps2, r, caller)))
+    return sa.and_(sa.exists().where(ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
+                   ~sa.exists().where(ps2.c.resource_pk == r.c.pk, foreign, withheld))
+
+
+def _deidentified_rows(r: sa.FromClause, now: int) -> sa.ColumnElement[bool]:
+    """Secondary use: nothing of a patient with a secondary-use opt-out in force, or REDACTED."""
+    ps, c = policy_subject.alias(), policy_consent.alias()
+    opted_out = sa.exists().where(c.c.patient_id == ps.c.patient_id, c.c.effect == "secondary-opt-out",
+                                  sa.or_(c.c.lo.is_(None), c.c.lo <= now), sa.or_(c.c.hi.is_(None), c.c.hi > now))
+    return ~sa.exists().where(ps.c.resource_pk == r.c.pk,
+                              sa.or_(ps.c.flags.op("&")(facts.HIDDEN) != 0, opted_out))
+
+
+
+# -- the decision point ---------------------------------------------------------------------------
+
+PSEUDONYM_KEY_ENV = "CAREBROKER_PSEUDONYM_KEY"
+BREAK_GLASS_HEADER = "x-break-glass-reason"
+CALLER_CACHE_SECONDS = 10.0  # a user's PractitionerRoles and care teams, looked up at most this often
+
+
+class PolicyDecisionPoint:
+    """Builds each request's policy, and completes it (break-glass records)."""
+
+    def __init__(self, service: FhirService, types: frozenset[str]) -> None:
+        self.service = service  # unrestricted: the policy's own lookups
+        self.types = types
+        self.break_glass = BreakGlassLog(service.store)
+        self._callers: dict[tuple[str | None, str | None], tuple[float, tuple[str, ...], tuple[str, ...]]] = {}
+        self._lock = threading.Lock()
+
+    @functools.cached_property
+    def pseudonymiser(self) -> Pseudonymiser:
+        """Keyed by $CAREBROKER_PSEUDONYM_KEY, or a random key made once and kept in the database, so
+        pseudonyms stay stable across restarts and server nodes."""
+        key = os.environ.get(PSEUDONYM_KEY_ENV)
+        if not key:
+            store = self.service.store
+            with store.writing() as conn:
+                key = store.state(conn, "pseudonym_key")
+                if key is None:
+                    key = secrets.token_hex(32)
+                    store.set_state(conn, "pseudonym_key", key)
+        return Pseudonymiser(key.encode())
+
+    def for_principal(self, principal: Principal, base_url: str, break_glass_reason: str | None = None,
+                      patient: str | None = None) -> RequestPolicy:
+        """The policy for `principal`; `break_glass_reason` (the X-Break-Glass-Reason header) opens
+        a grant for `patient`, the one patient the request is about."""
+        access = Access(principal, self.types, base_url)
+        refs, careteams = self._caller_refs(principal)
+        caller = Caller(refs, careteams, principal.organization, principal.purpose_of_use, now=now_us())
+        requester = f"{principal.issuer}|{principal.subject or principal.client_id}"
+        if break_glass_reason is not None:
+            if "clinician" not in principal.roles:
+                raise forbidden("Break-glass access is for clinicians")
+            if not principal.emergency:
+                raise forbidden(f"Break-glass access needs an access token with purpose of use {EMERGENCY_PURPOSE}")
+            if not break_glass_reason.strip():
+                raise error(400, "required", "X-Break-Glass-Reason must give the reason for emergency access")
+            if patient is None:
+                raise error(400, "invalid", "Break-glass access is to one patient: read, search or $everything "
+                            "naming that patient (Patient/[id], or patient=/subject=)")
+            self.break_glass.open(requester, principal.fhir_user, principal.organization, patient,
+                                  break_glass_reason, now=caller.now)
+        if principal.emergency and "clinician" in principal.roles:
+            caller.break_glass = self.break_glass.active(requester, now=caller.now)
+        policy = RequestPolicy(principal, access, caller, lambda: self.pseudonymiser)
+        policy.about = patient
+        return policy
+
+    def for_export(self, principal_json: str) -> RequestPolicy:
+        """The policy of the caller who kicked off an export, for the worker that runs it later."""
+        return self.for_principal(principal_from_claims(json.loads(principal_json)), "")
+
+    def complete(self, policy: RequestPolicy, method: str, url: str, status: int) -> None:
+        """Record a request made while break-glass grants were open: under each grant whose patient
+        it read, or was about."""
+        if not policy.caller.break_glass:
+            return
+        seen = list(dict.fromkeys(policy.seen))
+        patients = self._patients_of(seen)
+        grants = [g for p, g in policy.caller.break_glass.items() if p in patients or p == policy.about]
+        if grants:
+            self.break_glass.record(grants, method, url, status, seen)
+
+    def _patients_of(self, refs: list[str]) -> set[str]:
+        if not refs:
+            return set()
+        pairs = [tuple(ref.split("/", 1)) for ref in refs]
+        with self.service.store.single_read() as conn:
+            rows = conn.execute(sa.select(policy_subject.c.patient_id).select_from(
+                policy_subject.join(resource, resource.c.pk == policy_subject.c.resource_pk))
+                .where(sa.tuple_(resource.c.type, resource.c.id).in_(pairs))).scalars()
+            return set(rows)
+
+    def _caller_refs(self, principal: Principal) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(the references standing for the caller, the care teams they are in): their fhirUser,
+        its active PractitionerRoles and their organisations, the token's organisation."""
+        key = (principal.fhir_user, principal.organization)
+        if key == (None, None):
+            return (), ()
+        with self._lock:
+            cached = self._callers.get(key)
+        if cached is not None and time.monotonic() - cached[0] < CALLER_CACHE_SECONDS:
+            return cached[1], cached[2]
+        refs: list[str] = [r for r in key if r]
+        if principal.fhir_user and principal.fhir_user.startswith("Practitioner/"):
+            _, roles, _, _ = self.service.search(
+                ("PractitionerRole",), [("practitioner", principal.fhir_user), ("active:not", "false")],
+                strict=True, base_url="", count=100, cursor=None, want_total=False)
+            for role in roles:
+                refs.append(f"PractitionerRole/{role.id}")
+                org = (jsonfmt.loads(role.content or "{}").get("organization") or {}).get("reference")
+                if isinstance(org, str) and org.startswith("Organization/"):
+                    refs.append(org)
+        refs = list(dict.fromkeys(refs))
+        _, teams, _, _ = self.service.search(
+            ("CareTeam",), [("participant", ",".join(refs)), ("status", "active")],
+            strict=True, base_url="", count=1000, cursor=None, want_total=False)
+        careteams = tuple(f"CareTeam/{t.id}" for t in teams)
+        with self._lock:
+            if len(self._callers) > 10_000:
+                self._callers.clear()
+            self._callers[key] = (time.monotonic(), tuple(refs), careteams)
+        return tuple(refs), careteams
