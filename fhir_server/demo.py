@@ -20,6 +20,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from conformance.nhs_number import NHS_NUMBER_SYSTEM, nhs_check_digit
+from consent.facts import CUSTODIAN_SYSTEM
 
 Resource = dict[str, Any]
 
@@ -882,6 +883,32 @@ def demo_resources(seed: int = 2026) -> list[dict]:
 
     rank = {name: i for i, name in enumerate(TYPE_ORDER)}
     out.sort(key=lambda r: rank[r["resourceType"]])  # stable: keeps order within a type
+    _tag_custodians(out, orgs)
     for resource in out:
         resource.pop("_display", None)
     return out
+
+
+def _tag_custodians(resources: list[Resource], orgs: _Orgs) -> None:
+    """Each record entry names the organisation whose data it is (the custodian meta.tag the access
+    policy reads): the trust or council it involves, else the GP practice; a Patient's is its practice."""
+    role_org = {f"PractitionerRole/{r['id']}": r["organization"]["reference"]
+                for r in resources if r["resourceType"] == "PractitionerRole"}
+    practices = {f"Organization/{o['id']}" for o in orgs.practices}
+    for res in resources:
+        if res["resourceType"] in ("Organization", "Practitioner", "PractitionerRole"):
+            continue
+        found = [role_org.get(ref, ref) for ref in _references(res)]
+        found = [ref for ref in found if ref.startswith("Organization/")]
+        custodian = next((o for o in found if o not in practices), None) or next(iter(found), None)
+        if custodian is not None:
+            res.setdefault("meta", {}).setdefault("tag", []).append({"system": CUSTODIAN_SYSTEM, "code": custodian})
+
+
+def _references(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        own = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        return own + [r for v in value.values() for r in _references(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _references(v)]
+    return []
