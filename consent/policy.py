@@ -112,23 +112,26 @@ class RequestPolicy:
             return self.principal.patient
         return self.access.pinned_patient() if self.access is not None else None
 
-    def where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+    def where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause,
+              exact: bool = True) -> sa.ColumnElement[bool] | None:
         """The condition on `r` for the rows of `types` (None: any) that `permission` (a SMART
-        letter: c, r, u, d, s) reaches; None when it reaches them all."""
+        letter: c, r, u, d, s) reaches; None when it reaches them all. Not `exact`: a stricter,
+        shallower condition, for subqueries nested in others (chains, `_has`)."""
         scoped = self.access.where(permission, types, r) if self.access is not None else None
-        roles = self._role_where(permission, types, r)
+        roles = self._role_where(permission, types, r, exact)
         if scoped is None:
             return roles
         return scoped if roles is None else sa.and_(scoped, roles)
 
-    def _role_where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+    def _role_where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause,
+                    exact: bool) -> sa.ColumnElement[bool] | None:
         interaction = {"c": "create", "u": "update", "d": "delete"}.get(permission, "search-type")
         candidates = list(types) if types is not None else None
         ors: list[sa.ColumnElement[bool]] = []
         for rule in self.rules:
             allowed = _allowed(rule, interaction, candidates)
             if allowed is None or allowed:
-                rows = self._rows(rule, permission, r)
+                rows = self._rows(rule, permission, r, exact)
                 if rows is None and allowed is None:
                     return None
                 if rows is None:
@@ -149,19 +152,19 @@ class RequestPolicy:
             return sa.false()
         return ors[0] if len(ors) == 1 else sa.or_(*ors)
 
-    def _rows(self, rule: RoleRule, permission: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
+    def _rows(self, rule: RoleRule, permission: str, r: sa.FromClause, exact: bool) -> sa.ColumnElement[bool] | None:
         if rule.rows == "all":
             return None
         if rule.rows == "own":
             ps = policy_subject.alias()
-            return sa.exists().where(ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
+            return _exists(ps, ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
         if rule.rows == "deidentified":
             return _deidentified_rows(r, self.caller.now)
-        cond = _care_rows(r, self.caller)
+        cond = _care_rows(r, self.caller) if exact else _care_rows_strict(r, self.caller)
         if permission in ("u", "d"):  # only the custodian's users change or delete its data
             ps = policy_subject.alias()
-            cond = sa.and_(cond, ~sa.exists().where(ps.c.resource_pk == r.c.pk,
-                                                    sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or "")))
+            cond = sa.and_(cond, ~_exists(ps, ps.c.resource_pk == r.c.pk,
+                                          sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or "")))
         return cond
 
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
@@ -170,8 +173,8 @@ class RequestPolicy:
         if not (self._redacts and rtype == "Patient" and code in REDACTED_PATIENT_PARAMS):
             return None
         ps = policy_subject.alias()
-        return ~sa.exists().where(ps.c.resource_pk == r.c.pk, ps.c.flags.op("&")(facts.RESTRICTED) != 0,
-                                  sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or ""))
+        return ~_exists(ps, ps.c.resource_pk == r.c.pk, ps.c.flags.op("&")(facts.RESTRICTED) != 0,
+                        sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or ""))
 
     def refusal(self, conn: sa.Connection, rtype: str, rid: str) -> FhirError:
         """What a read of a row outside reach answers, the same whether or not it exists: for direct
@@ -181,7 +184,7 @@ class RequestPolicy:
             ps = policy_subject.alias()
             related = conn.execute(sa.select(resource.c.pk).where(
                 resource.c.type == rtype, resource.c.id == rid,
-                sa.exists().where(ps.c.resource_pk == resource.c.pk, _related(ps.c.patient_id, self.caller)))).first()
+                _exists(ps, ps.c.resource_pk == resource.c.pk, _related(ps.c.patient_id, self.caller)))).first()
             if related is None:
                 return forbidden(f"{rtype}/{rid} is not available to you: there is no such resource, or you have "
                                  "no legitimate relationship with its patient")
@@ -275,83 +278,115 @@ def _sort_keys(params: list[tuple[str, str]]) -> list[tuple[str, bool]]:
 
 # -- the conditions -------------------------------------------------------------------------------
 
+def _exists(own: sa.FromClause, *conditions: sa.ColumnElement[bool]) -> sa.Exists:
+    """EXISTS over `own`, correlated with every other table it names, at whatever depth of nesting
+    they are (SQLAlchemy's automatic correlation reaches only the enclosing SELECT)."""
+    return sa.exists(sa.select(sa.literal(1)).select_from(own).where(*conditions).correlate_except(own))
+
+
 def _related(patient: sa.ColumnElement[str], caller: Caller) -> sa.ColumnElement[bool]:
     """A legitimate relationship with `patient`, or a break-glass grant for them."""
     rel = policy_relationship.alias()
-    cond: sa.ColumnElement[bool] = sa.exists().where(
-        rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
+    cond: sa.ColumnElement[bool] = _exists(
+        rel, rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
         sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)) if caller.refs else sa.false()
     if caller.break_glass:
         cond = sa.or_(patient.in_(sorted(caller.break_glass)), cond)
     return cond
 
 
-def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Caller, deny: bool) -> sa.ColumnElement[bool]:
+def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
     """Whether provision row `c` applies to row `r` (subject row `ps`) for this caller: in force,
     its dataPeriod met (an undated resource is covered by a deny, never by a permit), and every
-    condition group with a matching term."""
+    condition group with a matching term. Kept shallow: SQLite's parser limits nesting depth."""
     t, st = policy_consent_term.alias(), search_token.alias()
+    label = sa.and_(st.c.resource_pk == r.c.pk, st.c.param == "_security", st.c.code == t.c.code,
+                    sa.or_(t.c.system.is_(None), st.c.system == t.c.system))
     term = sa.or_(
         sa.and_(t.c.kind == "actor", t.c.code.in_(caller.refs + caller.careteams)) if caller.refs else sa.false(),
         sa.and_(t.c.kind == "class", t.c.code == r.c.type),
         sa.and_(t.c.kind == "purpose", t.c.code == caller.purpose),
         sa.and_(t.c.kind == "data", t.c.code == r.c.type + "/" + r.c.id),
-        sa.and_(t.c.kind == "label", sa.exists().where(
-            st.c.resource_pk == r.c.pk, st.c.param == "_security", st.c.code == t.c.code,
-            sa.or_(t.c.system.is_(None), st.c.system == t.c.system))),
+        sa.and_(t.c.kind == "label", st.c.resource_pk.is_not(None)),
     )
-    matched = (sa.select(sa.func.count(sa.distinct(t.c.grp)))
-               .where(t.c.resource_pk == c.c.resource_pk, t.c.param == c.c.param, term).scalar_subquery())
-    no_data_period = sa.and_(c.c.data_lo.is_(None), c.c.data_hi.is_(None))
-    overlaps = sa.and_(ps.c.data_lo < sa.func.coalesce(c.c.data_hi, MAX_US),
-                       ps.c.data_hi > sa.func.coalesce(c.c.data_lo, MIN_US))
-    undated = ps.c.data_lo.is_(None)
+    matched = (sa.select(sa.func.count(sa.distinct(t.c.grp))).select_from(t.outerjoin(st, label))
+               .where(t.c.resource_pk == c.c.resource_pk, t.c.param == c.c.param, term).correlate_except(t, st)
+               .scalar_subquery())
+    # An undated row spans all time for a deny and no time for a permit; an open end is no bound.
+    undated_lo = sa.case((c.c.effect == "deny", MIN_US), else_=MAX_US)
+    undated_hi = sa.case((c.c.effect == "deny", MAX_US), else_=MIN_US)
     return sa.and_(
-        sa.or_(c.c.lo.is_(None), c.c.lo <= caller.now), sa.or_(c.c.hi.is_(None), c.c.hi > caller.now),
-        sa.or_(no_data_period, undated, overlaps) if deny else sa.or_(no_data_period, sa.and_(~undated, overlaps)),
-        sa.or_(c.c.groups == 0, matched == c.c.groups))
+        sa.func.coalesce(c.c.lo, MIN_US) <= caller.now, sa.func.coalesce(c.c.hi, MAX_US) > caller.now,
+        sa.func.coalesce(ps.c.data_lo, undated_lo) < sa.func.coalesce(c.c.data_hi, MAX_US + 1),
+        sa.func.coalesce(ps.c.data_hi, undated_hi) > sa.func.coalesce(c.c.data_lo, MIN_US - 1),
+        matched == c.c.groups)
 
 
-def _denied(ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
-    """A Consent of the patient denies this row to this caller: a deny provision applies and no
-    deeper permit of the same Consent does (the deepest applicable provision decides; ties: deny)."""
-    d, p = policy_consent.alias(), policy_consent.alias()
-    return sa.exists().where(
-        d.c.patient_id == ps.c.patient_id, d.c.effect == "deny", _applies(d, ps, r, caller, deny=True),
-        ~sa.exists().where(p.c.resource_pk == d.c.resource_pk, p.c.effect == "permit", p.c.depth > d.c.depth,
-                           _applies(p, ps, r, caller, deny=False)))
+def _deepest(c: sa.FromClause, effect: str, explicit: bool = False) -> sa.ColumnElement[Any]:
+    """The depth of the deepest applying provision of `effect` in a Consent's group (-1: none)."""
+    which = c.c.effect == effect if not explicit else sa.and_(c.c.effect == effect, c.c.explicit.is_(True))
+    return sa.func.coalesce(sa.func.max(sa.case((which, c.c.depth))), -1)
 
 
-def _explicitly_permitted(ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
-    """A permit naming actors or labels (the patient's own choice) applies, with no deny of the same
-    Consent at its depth or deeper: what opens sensitive data to other organisations."""
-    p, d = policy_consent.alias(), policy_consent.alias()
-    return sa.exists().where(
-        p.c.patient_id == ps.c.patient_id, p.c.effect == "permit", p.c.explicit.is_(True),
-        _applies(p, ps, r, caller, deny=False),
-        ~sa.exists().where(d.c.resource_pk == p.c.resource_pk, d.c.effect == "deny", d.c.depth >= p.c.depth,
-                           _applies(d, ps, r, caller, deny=True)))
+def _consents(ps: sa.FromClause, r: sa.FromClause, caller: Caller, decides: Callable[[sa.FromClause], Any],
+              *where: sa.ColumnElement[bool]) -> sa.Exists:
+    """Whether some subject row `ps` of `r` (meeting `where`) has a Consent whose applying
+    provisions meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
+    c = policy_consent.alias()
+    return sa.exists(sa.select(sa.literal(1)).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id))
+                     .where(ps.c.resource_pk == r.c.pk, *where, c.c.effect.in_(("permit", "deny")),
+                            _applies(c, ps, r, caller))
+                     .group_by(ps.c.patient_id, c.c.resource_pk).having(decides(c)).correlate_except(ps, c))
+
+
+def _denies(c: sa.FromClause) -> sa.ColumnElement[bool]:
+    """A Consent denies when its deepest applying provision is a deny (ties: deny)."""
+    return sa.and_(_deepest(c, "deny") >= 0, _deepest(c, "deny") >= _deepest(c, "permit"))
+
+
+def _permits_explicitly(c: sa.FromClause) -> sa.ColumnElement[bool]:
+    """A permit naming actors or labels (the patient's own choice) applies, deeper than any applying
+    deny of the same Consent: what opens sensitive data to other organisations."""
+    return _deepest(c, "permit", explicit=True) > _deepest(c, "deny")
 
 
 def _care_rows(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
     """Direct care: a relationship with one of the row's patients, and none of its patients' rules
-    withholding it from a user outside its custodian organisation (REDACTED patient, a Consent's
-    deny, or a sensitive label without an explicit permit)."""
-    ps, ps2 = policy_subject.alias(), policy_subject.alias()
-    foreign = sa.func.coalesce(ps2.c.custodian, "") != (caller.organization or "")
-    withheld = sa.or_(ps2.c.flags.op("&")(facts.HIDDEN) != 0, _denied(ps2, r, caller),
-                      sa.and_(ps2.c.flags.op("&")(facts.SENSITIVE) != 0, ~_explicitly_permitted(ps2, r, caller)))
-    return sa.and_(sa.exists().where(ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
-                   ~sa.exists().where(ps2.c.resource_pk == r.c.pk, foreign, withheld))
+    withholding it from a user outside its custodian organisation: a REDACTED patient, a Consent
+    that denies it, a sensitive label without a Consent that explicitly permits it."""
+    ps, hid, den, sen, exp = (policy_subject.alias() for _ in range(5))
+
+    def foreign(s: sa.FromClause) -> sa.ColumnElement[bool]:
+        return sa.func.coalesce(s.c.custodian, "") != (caller.organization or "")
+
+    sensitive = sen.c.flags.op("&")(facts.SENSITIVE) != 0
+    return sa.and_(
+        _exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
+        ~_exists(hid, hid.c.resource_pk == r.c.pk, foreign(hid), hid.c.flags.op("&")(facts.HIDDEN) != 0),
+        ~_consents(den, r, caller, _denies, foreign(den)),
+        ~_exists(sen, sen.c.resource_pk == r.c.pk, foreign(sen), sensitive,
+                 ~_consents(exp, r, caller, _permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
+
+
+def _care_rows_strict(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+    """`_care_rows` made stricter and two levels deep, for chains and `_has`: outside the custodian,
+    nothing of a patient with any privacy Consent, and nothing labelled. Never more than the exact
+    rule allows, so such a parameter cannot reveal what the caller may not see."""
+    ps, other, c = policy_subject.alias(), policy_subject.alias(), policy_consent.alias()
+    consented = _exists(c, c.c.patient_id == other.c.patient_id, c.c.effect.in_(("permit", "deny")))
+    return sa.and_(
+        _exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
+        ~_exists(other, other.c.resource_pk == r.c.pk,
+                 sa.func.coalesce(other.c.custodian, "") != (caller.organization or ""),
+                 sa.or_(other.c.flags != 0, consented)))
 
 
 def _deidentified_rows(r: sa.FromClause, now: int) -> sa.ColumnElement[bool]:
     """Secondary use: nothing of a patient with a secondary-use opt-out in force, or REDACTED."""
     ps, c = policy_subject.alias(), policy_consent.alias()
-    opted_out = sa.exists().where(c.c.patient_id == ps.c.patient_id, c.c.effect == "secondary-opt-out",
-                                  sa.or_(c.c.lo.is_(None), c.c.lo <= now), sa.or_(c.c.hi.is_(None), c.c.hi > now))
-    return ~sa.exists().where(ps.c.resource_pk == r.c.pk,
-                              sa.or_(ps.c.flags.op("&")(facts.HIDDEN) != 0, opted_out))
+    opted_out = _exists(c, c.c.patient_id == ps.c.patient_id, c.c.effect == "secondary-opt-out",
+                        sa.or_(c.c.lo.is_(None), c.c.lo <= now), sa.or_(c.c.hi.is_(None), c.c.hi > now))
+    return ~_exists(ps, ps.c.resource_pk == r.c.pk, sa.or_(ps.c.flags.op("&")(facts.HIDDEN) != 0, opted_out))
 
 
 

@@ -30,9 +30,11 @@ RESULT_PARAMETERS = frozenset({
 MAX_CHAIN_DEPTH = 4
 MAX_INCLUDE_ITERATIONS = 4
 # A caller's access policy as the engine sees it: (alias of the resource table, type or None for
-# any) -> the condition on the rows it may reach, None for all. Applied to the rows chains, `_has`
-# and includes reach, as the caller applies it to the matches.
-Reach = Callable[[sa.FromClause, "str | None"], "sa.ColumnElement[bool] | None"]
+# any, nested) -> the condition on the rows it may reach, None for all. Applied to the rows chains,
+# `_has` and includes reach, as the caller applies it to the matches. `nested`: inside a chain or
+# `_has` subquery, where the policy may answer with a stricter, shallower condition (SQLite limits
+# how deeply subqueries nest).
+Reach = Callable[[sa.FromClause, "str | None", bool], "sa.ColumnElement[bool] | None"]
 # And a condition on a row of (type, parameter code) matched through alias `r`, when the policy
 # withholds what that parameter indexes from some rows (a restricted patient's address).
 Guard = Callable[[str, str, sa.FromClause], "sa.ColumnElement[bool] | None"]
@@ -190,7 +192,7 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
         if inner is None:
             continue
         matching_ids = sa.select(inner_r.c.id).where(inner_r.c.type == target, inner_r.c.deleted.is_(False), inner)
-        if reach is not None and (allowed := reach(inner_r, target)) is not None:
+        if reach is not None and (allowed := reach(inner_r, target, True)) is not None:
             matching_ids = matching_ids.where(allowed)
         ors.append(sa.and_(sr.c.target_type == target, sr.c.target_id.in_(matching_ids)))
     if not ors:
@@ -215,7 +217,7 @@ def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, stric
     inner = condition((source,), rest, raw, src, base_url, True, depth + 1, reach, guard)
     sr = search_reference.alias()
     referrers = sa.select(src.c.pk).where(src.c.type == source, src.c.deleted.is_(False), inner)
-    if reach is not None and (allowed := reach(src, source)) is not None:
+    if reach is not None and (allowed := reach(src, source, True)) is not None:
         referrers = referrers.where(allowed)
     return r.c.id.in_(sa.select(sr.c.target_id).where(
         sr.c.type == source, sr.c.param == ref_code, sr.c.target_type == rtype, sr.c.resource_pk.in_(referrers)))
@@ -422,7 +424,7 @@ def _include_query(source_pks: list[int], inc: Include, reach: Reach | None = No
     q = (sa.select(target.c.pk).select_from(sr.join(target, sa.and_(
         target.c.type == sr.c.target_type, target.c.id == sr.c.target_id)))
         .where(sr.c.resource_pk.in_(source_pks), target.c.deleted.is_(False)))
-    if reach is not None and (allowed := reach(target, inc.target_type)) is not None:
+    if reach is not None and (allowed := reach(target, inc.target_type, False)) is not None:
         q = q.where(allowed)
     return _narrowed(q, sr, inc)
 
@@ -433,7 +435,7 @@ def _revinclude_query(target_pks: list[int], inc: Include, reach: Reach | None =
         sr.join(target, sa.and_(target.c.type == sr.c.target_type, target.c.id == sr.c.target_id))
         .join(source, source.c.pk == sr.c.resource_pk))
         .where(target.c.pk.in_(target_pks), source.c.deleted.is_(False)))
-    if reach is not None and (allowed := reach(source, None if inc.source_type == "*" else inc.source_type)) is not None:
+    if reach is not None and (allowed := reach(source, None if inc.source_type == "*" else inc.source_type, False)) is not None:
         q = q.where(allowed)
     return _narrowed(q, sr, inc)
 

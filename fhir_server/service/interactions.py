@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 import jsonpatch
 import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from conformance.profiles import known_profiles
 from conformance.search_parameters import patient_compartment
@@ -71,8 +71,8 @@ class RowPolicy(Protocol):
     parameter; the one patient every grant is bound to, if so; the answer to a read of a row out of
     reach; each version as shown to the caller; and each resource the caller writes, as stored."""
 
-    def where(self, permission: str, types: Sequence[str] | None,
-              r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
+    def where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause,
+              exact: bool = True) -> sa.ColumnElement[bool] | None: ...
 
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None: ...
 
@@ -107,10 +107,11 @@ class FhirService:
                r: sa.FromClause = resource) -> sa.ColumnElement[bool] | None:
         return self.policy.where(permission, types, r) if self.policy is not None else None
 
-    def _search_reach(self, r: sa.FromClause, rtype: str | None) -> sa.ColumnElement[bool] | None:
+    def _search_reach(self, r: sa.FromClause, rtype: str | None, nested: bool) -> sa.ColumnElement[bool] | None:
         """For the search engine: the rows of `rtype` (None: any type) a search may reach through
-        `r` (chains, `_has`, `_include`/`_revinclude`)."""
-        return self._where("s", (rtype,) if rtype else None, r)
+        `r` (chains, `_has`, `_include`/`_revinclude`); `nested`: inside a chain or `_has`."""
+        assert self.policy is not None
+        return self.policy.where("s", (rtype,) if rtype else None, r, exact=not nested)
 
     def _reachable(self, conn: sa.Connection, permission: str, rtype: str, rid: str) -> bool:
         """Whether the live resource `rtype/rid` is among the rows `permission` reaches."""
@@ -191,10 +192,16 @@ class FhirService:
         extra = [compartment_condition(types[0], compartment, resource)] if compartment else []
         if (cond := self._where("s", types)) is not None:
             extra.append(cond)
-        with self.store.reading() as conn:
-            page = run_search(conn, search, extra, count, cursor, want_total, reach=reach)
-            matches = self.store.current_by_pks(conn, page.pks)
-            included = self.store.current_by_pks(conn, page.included)
+        try:
+            with self.store.reading() as conn:
+                page = run_search(conn, search, extra, count, cursor, want_total, reach=reach)
+                matches = self.store.current_by_pks(conn, page.pks)
+                included = self.store.current_by_pks(conn, page.included)
+        except OperationalError as exc:
+            if "parser stack overflow" not in str(exc.orig):
+                raise
+            raise error(400, "too-costly", "The search nests chains and _has too deeply for this server's SQLite "
+                        "database; simplify it (PostgreSQL takes deeper nesting)") from None
         return page, self._shown(matches), self._shown(included), search.ignored
 
     def everything(self, patients: list[str] | None, types: tuple[str, ...], since: int | None, count: int,
