@@ -65,3 +65,16 @@ ROLE_RULES: dict[str, RoleRule] = {
 # only) is governed by its scopes alone, as `integration`; anyone else reaches no patient's record.
 SYSTEM_CLIENT = ROLE_RULES["integration"]
 NO_ROLE = RoleRule(reads=DIRECTORY, writes=frozenset(), rows="all", interactions=READ - {"$everything", "$export"})
+
+# What the CapabilityStatement tells clients about the policy (rest.security.description).
+POLICY_SUMMARY = (
+    "Access policy: every search, read, include, chain, _has, history, $everything and $export is kept to the rows "
+    "the token's scopes and the user's role allow, inside the query: direct care (role clinician, support) "
+    "by legitimate relationship (active CareTeam or Encounter, registered GP practice) and the patient's "
+    "privacy Consents (opt-out: only the user's own organisation's data); sensitive and restricted data only "
+    "for the custodian organisation or under an explicit permit; analysts get pseudonymised data without "
+    "patients with a National Data Opt-out or Type 1 opt-out. Bundle.total (_total, _summary=count) counts "
+    "exactly what the caller may see, so pages are full and totals honest. A read of a resource out of reach "
+    "answers 403 (no legitimate relationship, or no such resource) or 404. Break-glass: purpose of use ETREAT "
+    "with an X-Break-Glass-Reason header, recorded for review."
+)

@@ -354,23 +354,39 @@ def test_writes_are_stamped_and_kept_to_the_custodian(w: World) -> None:
     assert drB.put("Observation/o1b", json={**o1b, "status": "amended"}).status_code == 200
 
 
-def test_export_honours_the_policy(w: World) -> None:
-    drA = w.as_("drA")
-    kick = drA.get("$export", params={"_type": "Observation"}, headers={"Prefer": "respond-async"})
+def export(client: httpx.Client, rtype: str) -> list[dict[str, Any]]:
+    kick = client.get("$export", params={"_type": rtype}, headers={"Prefer": "respond-async"})
     assert kick.status_code == 202, kick.text
     status_url = kick.headers["Content-Location"]
     deadline = time.monotonic() + 60
-    while (poll := drA.get(status_url)).status_code == 202:
+    while (poll := client.get(status_url)).status_code == 202:
         assert time.monotonic() < deadline
         time.sleep(0.3)
     assert poll.status_code == 200, poll.text
-    exported = set()
+    out = []
     for item in poll.json()["output"]:
-        text = drA.get(item["url"]).text
+        text = client.get(item["url"]).text
         assert SECRET not in text
-        exported |= {json.loads(line)["id"] for line in text.splitlines() if line}
+        out += [json.loads(line) for line in text.splitlines() if line]
+    return out
+
+
+def test_export_honours_the_policy(w: World) -> None:
+    drA = w.as_("drA")
+    exported = {r["id"] for r in export(drA, "Observation")}
     expected = ids(search(drA, "Observation", _count="1000"))
     assert exported == expected and not exported & {"o2b", "o5s", "o10b", "o11old"}
+    analyst = w.as_("analyst")
+    patients = export(analyst, "Patient")
+    assert len(patients) == search(analyst, "Patient", _summary="count")["total"]
+    assert {p["id"] for p in patients} == ids(search(analyst, "Patient", _count="1000"))
+    assert not {p["id"] for p in patients} & {r["id"] for r in world() if r["resourceType"] == "Patient"}
+    assert all("name" not in p and p["birthDate"] == "1950" for p in patients)
+
+
+def test_capability_statement_says_what_totals_mean(w: World) -> None:
+    security = httpx.get(f"{w.base}/metadata").json()["rest"][0]["security"]
+    assert "counts exactly what the caller may see" in security["description"]
 
 
 def test_break_glass(w: World) -> None:

@@ -25,6 +25,7 @@ from fhir_server.auth.urls import AuthUrls
 from fhir_server.api.messages import FHIR_JSON, JSON_PATCH, FhirRequest, FhirResponse, json_response, outcome_response
 from fhir_server.auth.access import Access, forbidden
 from consent.policy import BREAK_GLASS_HEADER, PolicyDecisionPoint, RequestPolicy
+from consent.rules import POLICY_SUMMARY
 from fhir_server.outcome import FhirError, Issue, error, operation_outcome
 from fhir_server.search.engine import Page
 from fhir_server.search.params import UNITS
@@ -199,9 +200,10 @@ class FhirRouter:
     # -- handlers -------------------------------------------------------------------------------
 
     def metadata(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
+        security = rest_security(AuthUrls.for_fhir_base(req.base_url))
+        security["description"] += " " + POLICY_SUMMARY
         return json_response(200, capability_statement(ROUTES, sorted(self.types), req.base_url,
-                                                       frozenset(k for k in UNITS if not k.startswith("_")),
-                                                       rest_security(AuthUrls.for_fhir_base(req.base_url))))
+                                                       frozenset(k for k in UNITS if not k.startswith("_")), security))
 
     def read(self, req: FhirRequest, parts: list[str]) -> FhirResponse:
         version = self._svc(req).read(parts[0], parts[1])
