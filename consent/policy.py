@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from consent import facts
 from consent.deidentify import Pseudonymiser, check_analyst_search, deidentify
+from consent.access_log import AccessLog
 from consent.break_glass import BreakGlassLog
 from consent.rules import DIRECTORY, NO_ROLE, ROLE_RULES, SYSTEM_CLIENT, WRITE, RoleRule
 from fhir_server import jsonfmt
@@ -72,10 +73,15 @@ class RequestPolicy:
         self.caller = caller
         self.rules = _rules(principal)
         self._pseudonymiser = pseudonymiser
-        self.seen: list[str] = []  # Type/id of what was shown, while break-glass grants are open
+        self.seen: list[str] = []  # Type/id of what was shown, when the request is recorded
         self.about: str | None = None  # the one patient the request names, if any
 
     # -- interactions ----------------------------------------------------------------------------
+
+    @property
+    def audited(self) -> bool:
+        """Whether the request is recorded with what it returned: a user who sees everything."""
+        return "admin" in self.principal.roles
 
     @property
     def unrestricted(self) -> bool:
@@ -198,7 +204,7 @@ class RequestPolicy:
 
     def present(self, v: Version) -> Version:
         """The version as this caller may see it."""
-        if self.caller.break_glass:
+        if self.caller.break_glass or self.audited:
             self.seen.append(f"{v.type}/{v.id}")
         if v.content is None:
             return v
@@ -404,6 +410,7 @@ class PolicyDecisionPoint:
         self.service = service  # unrestricted: the policy's own lookups
         self.types = types
         self.break_glass = BreakGlassLog(service.store)
+        self.access_log = AccessLog(service.store)
         self._callers: dict[tuple[str | None, str | None], tuple[float, tuple[str, ...], tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
@@ -452,11 +459,14 @@ class PolicyDecisionPoint:
         return self.for_principal(principal_from_claims(json.loads(principal_json)), "")
 
     def complete(self, policy: RequestPolicy, method: str, url: str, status: int) -> None:
-        """Record a request made while break-glass grants were open: under each grant whose patient
-        it read, or was about."""
+        """Record an administrator's request, and a request made while break-glass grants were open
+        (under each grant whose patient it read, or was about)."""
+        seen = list(dict.fromkeys(policy.seen))
+        if policy.audited:
+            p = policy.principal
+            self.access_log.add(f"{p.issuer}|{p.subject or p.client_id}", p.roles, method, url, status, seen)
         if not policy.caller.break_glass:
             return
-        seen = list(dict.fromkeys(policy.seen))
         patients = self._patients_of(seen)
         grants = [g for p, g in policy.caller.break_glass.items() if p in patients or p == policy.about]
         if grants:

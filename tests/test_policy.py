@@ -418,3 +418,22 @@ def test_nesting_beyond_sqlite_limits_is_a_clear_400(w: World) -> None:
         assert response.status_code == 400 and "too deeply" in response.text
     else:
         assert response.status_code == 200
+
+
+def test_administrators_are_audited(w: World) -> None:
+    admin = w.as_("admin", sub="admin-alice")
+    assert status(admin, "Observation/o2b") == 200
+    assert ids(search(admin, "Observation", patient="p2")) == {"o2a", "o2b"}
+    from consent.access_log import AccessLog
+    from fhir_server.storage.engine import create_engine
+    from fhir_server.storage.repository import Store
+    engine = create_engine(w.db)
+    log = AccessLog(Store(engine))
+    deadline = time.monotonic() + 10
+    while len(records := log.list(requester="admin-alice")) < 2:  # written in batches, within a second
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    engine.dispose()
+    assert [r["url"] for r in records] == ["Observation?patient=p2", "Observation/o2b"]
+    assert set(records[0]["resources"]) == {"Observation/o2a", "Observation/o2b"}
+    assert records[1]["status"] == 200 and records[1]["roles"] == "admin"

@@ -57,6 +57,7 @@ def create_app(settings: Settings, engine: sa.Engine | None = None) -> FastAPI:
         export_worker.start()
         yield
         await run_in_threadpool(export_worker.stop)
+        await run_in_threadpool(router.pdp.access_log.stop)
         engine.dispose()
 
     app = FastAPI(title="carebroker", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,

@@ -80,7 +80,7 @@ class FhirRouter:
         except FhirError as exc:
             response = outcome_response(exc.status, exc.issues, exc.headers)
         if isinstance(req.policy, RequestPolicy):
-            self.pdp.complete(req.policy, req.method, f"{req.path}" + (f"?{req.query}" if req.params else ""),
+            self.pdp.complete(req.policy, req.method, req.path.strip("/") + (f"?{req.query}" if req.params else ""),
                               response.status)
         return response
 
@@ -118,7 +118,9 @@ class FhirRouter:
     def _svc(self, req: FhirRequest) -> FhirService:
         """The service as this request's principal may use it."""
         policy: RequestPolicy | None = req.policy
-        return self.service if policy is None or policy.unrestricted else self.service.restricted(policy)
+        if policy is None or policy.unrestricted and not policy.audited:
+            return self.service
+        return self.service.restricted(policy)
 
     def _authorize_entry(self, req: FhirRequest) -> None:
         """A Bundle entry's interaction-level check, before a transaction runs any entry."""

@@ -336,3 +336,19 @@ break_glass_access = sa.Table(
     sa.Column("resources", sa.Text, nullable=False),  # JSON list of "Type/id" read
     sa.Index("ix_break_glass_access_grant", "grant_id", "seq"),
 )
+
+# Privileged access (consent/access_log.py): every request by an `admin`, who sees everything, with
+# what it returned; written in batches off the request path. The audit log will take these over.
+access_record = sa.Table(
+    "access_record", metadata,
+    sa.Column("seq", BigPK, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.BigInteger, nullable=False),
+    sa.Column("requester", sa.String(512), nullable=False),
+    sa.Column("roles", sa.String(255), nullable=False),
+    sa.Column("method", sa.String(8), nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("resources", sa.Text, nullable=False),  # JSON list of "Type/id" returned
+    sa.Index("ix_access_record_at", "at"),
+    sa.Index("ix_access_record_requester", "requester", "at"),
+)

@@ -1,5 +1,5 @@
 """Access policy: policy fact tables filled at write time (a reindex fills them for existing data),
-break-glass records, and the export requester's policy attributes.
+break-glass records, admin access records, and the export requester's policy attributes.
 
 Revision ID: 0006
 Revises: 0005
@@ -70,9 +70,23 @@ def upgrade() -> None:
         sa.Column("resources", sa.Text, nullable=False),
     )
     op.create_index("ix_break_glass_access_grant", "break_glass_access", ["grant_id", "seq"])
+    op.create_table(
+        "access_record",
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("at", sa.BigInteger, nullable=False),
+        sa.Column("requester", sa.String(512), nullable=False),
+        sa.Column("roles", sa.String(255), nullable=False),
+        sa.Column("method", sa.String(8), nullable=False),
+        sa.Column("url", sa.Text, nullable=False),
+        sa.Column("status", sa.Integer, nullable=False),
+        sa.Column("resources", sa.Text, nullable=False),
+    )
+    op.create_index("ix_access_record_at", "access_record", ["at"])
+    op.create_index("ix_access_record_requester", "access_record", ["requester", "at"])
 
 
 def downgrade() -> None:
+    op.drop_table("access_record")
     op.drop_table("break_glass_access")
     op.drop_table("break_glass")
     op.drop_column("export_job", "principal")
