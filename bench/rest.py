@@ -334,13 +334,14 @@ def database(db: str, workdir: Path, pg: str) -> Iterator[str]:
 
 def bench_issuer(workdir: Path, audience: str) -> tuple[str, str]:
     """A token issuer for the run: (CAREBROKER_TRUSTED_ISSUERS for the server, a system/*.* token
-    valid for a day). Its JWKS is a file in `workdir`."""
+    valid for a day: a backend service with no user role, which the access policy leaves to its
+    scopes). Its JWKS is a file in `workdir`."""
     key = RSAKey.generate_key(2048, parameters={"kid": "bench"})
     jwks = workdir / "bench-jwks.json"
     jwks.write_text(json.dumps({"keys": [key.as_dict(private=False)]}))
     issuer, now = "https://bench.carebroker.invalid", int(time.time())
     claims = {"iss": issuer, "sub": "bench", "aud": audience, "iat": now, "exp": now + 86400,
-              "jti": secrets.token_hex(8), "scope": "system/*.*", "roles": ["admin"], "client_id": "bench"}
+              "jti": secrets.token_hex(8), "scope": "system/*.*", "client_id": "bench"}
     token = jwt.encode({"alg": "RS256", "typ": "at+jwt", "kid": "bench"}, claims, key, algorithms=["RS256"])
     return json.dumps([{"issuer": issuer, "jwks": str(jwks), "audience": audience}]), token
 
