@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from contextvars import ContextVar
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,49 @@ class Caller:
     purpose: str
     break_glass: dict[str, str] = field(default_factory=dict)  # patient id -> grant id
     now: int = 0
+
+    @property
+    def actors(self) -> tuple[str, ...]:
+        """What a Consent's actor may name to mean this caller."""
+        return self.refs + self.careteams
+
+    @property
+    def org(self) -> str:
+        return self.organization or ""
+
+    @property
+    def break_glass_patients(self) -> list[str]:
+        return sorted(self.break_glass)
+
+    def binds(self) -> dict[str, Any]:
+        """Values for the bound parameters of conditions built with BOUND."""
+        return {"pol_refs": list(self.refs), "pol_actors": list(self.actors), "pol_org": self.org,
+                "pol_purpose": self.purpose, "pol_break_glass": self.break_glass_patients, "pol_now": self.now}
+
+
+# The values of the caller whose conditions are being run (set by `RequestPolicy.where`, in the
+# thread or task that runs them).
+_BINDS: ContextVar[dict[str, Any]] = ContextVar("carebroker-policy-binds")
+
+
+def _bound(key: str, type_: Any, expanding: bool = False) -> sa.BindParameter[Any]:
+    return sa.bindparam(key, type_=type_, expanding=expanding, callable_=lambda: _BINDS.get()[key])
+
+
+class _Bound:
+    """A caller of bound parameters: conditions built with it are built once and reused, each
+    request's values bound when its statement runs (building the conditions costs more than running
+    them)."""
+
+    refs = _bound("pol_refs", sa.String, expanding=True)
+    actors = _bound("pol_actors", sa.String, expanding=True)
+    break_glass_patients = _bound("pol_break_glass", sa.String, expanding=True)
+    org = _bound("pol_org", sa.String)
+    purpose = _bound("pol_purpose", sa.String)
+    now = _bound("pol_now", sa.BigInteger)
+
+
+BOUND: Any = _Bound()
 
 
 class RequestPolicy:
@@ -162,32 +206,28 @@ class RequestPolicy:
         if rule.rows == "all":
             return None
         if rule.rows == "own":
-            ps = policy_subject.alias()
+            ps = _A.own
             return _exists(ps, ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
-        if rule.rows == "deidentified":
-            return _deidentified_rows(r, self.caller.now)
-        cond = _care_rows(r, self.caller) if exact else _care_rows_strict(r, self.caller)
-        if permission in ("u", "d"):  # only the custodian's users change or delete its data
-            ps = policy_subject.alias()
-            cond = sa.and_(cond, ~_exists(ps, ps.c.resource_pk == r.c.pk,
-                                          sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or "")))
-        return cond
+        if r is resource:  # the matches of a search: the same shape every time
+            _BINDS.set(self.caller.binds())
+            return _row_shape(rule.rows, permission in ("u", "d"), exact)
+        return _row_condition(rule.rows, permission in ("u", "d"), exact, r, self.caller)
 
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
         """An extra condition on a row matched by search parameter `code` (direct, chained or in
         `_has`): withheld elements of restricted patients match nothing outside the custodian."""
         if not (self._redacts and rtype == "Patient" and code in REDACTED_PATIENT_PARAMS):
             return None
-        ps = policy_subject.alias()
+        ps = _A.guarded
         return ~_exists(ps, ps.c.resource_pk == r.c.pk, ps.c.flags.op("&")(facts.RESTRICTED) != 0,
-                        sa.func.coalesce(ps.c.custodian, "") != (self.caller.organization or ""))
+                        sa.func.coalesce(ps.c.custodian, "") != self.caller.org)
 
     def refusal(self, conn: sa.Connection, rtype: str, rid: str) -> FhirError:
         """What a read of a row outside reach answers, the same whether or not it exists: for direct
         care, 403 unless the caller has a relationship with the resource's patient (then 404: the
         record is theirs to see, this resource is not); otherwise 404."""
         if self._kinds() & {"care"} and not self._kinds() & {"all"}:
-            ps = policy_subject.alias()
+            ps = _A.subject
             related = conn.execute(sa.select(resource.c.pk).where(
                 resource.c.type == rtype, resource.c.id == rid,
                 _exists(ps, ps.c.resource_pk == resource.c.pk, _related(ps.c.patient_id, self.caller)))).first()
@@ -284,32 +324,62 @@ def _sort_keys(params: list[tuple[str, str]]) -> list[tuple[str, bool]]:
 
 # -- the conditions -------------------------------------------------------------------------------
 
+class _A:
+    """The table aliases the conditions use, made once: building aliases (their column proxies) cost
+    more than the rest of a search. Each has one place in the shape of a condition; where the same
+    condition occurs twice in a statement the occurrences are siblings, never nested in each other,
+    so their subqueries' names do not collide."""
+
+    subject, hidden, denied, sensitive, permitted, own, written, guarded, strict_subject, strict_other, analysed = (
+        policy_subject.alias(f"pol_{name}") for name in (
+            "subject", "hidden", "denied", "sensitive", "permitted", "own", "written", "guarded", "strict_subject",
+            "strict_other", "analysed"))
+    relationship = policy_relationship.alias("pol_relationship")
+    consent, strict_consent, opt_out = (policy_consent.alias(f"pol_{n}") for n in ("consent", "strict_consent", "opt_out"))
+    term = policy_consent_term.alias("pol_term")
+    label = search_token.alias("pol_label")
+
+
 def _exists(own: sa.FromClause, *conditions: sa.ColumnElement[bool]) -> sa.Exists:
     """EXISTS over `own`, correlated with every other table it names, at whatever depth of nesting
     they are (SQLAlchemy's automatic correlation reaches only the enclosing SELECT)."""
     return sa.exists(sa.select(sa.literal(1)).select_from(own).where(*conditions).correlate_except(own))
 
 
-def _related(patient: sa.ColumnElement[str], caller: Caller) -> sa.ColumnElement[bool]:
-    """A legitimate relationship with `patient`, or a break-glass grant for them."""
-    rel = policy_relationship.alias()
-    cond: sa.ColumnElement[bool] = _exists(
-        rel, rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
-        sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)) if caller.refs else sa.false()
-    if caller.break_glass:
-        cond = sa.or_(patient.in_(sorted(caller.break_glass)), cond)
+def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
+    """The rows of `r` a row-reach `kind` (but all and own) reaches for `caller` (a Caller, or BOUND);
+    `changes`: for an update or delete, which only the custodian's users may make."""
+    if kind == "deidentified":
+        return _deidentified_rows(r, caller.now)
+    cond = _care_rows(r, caller) if exact else _care_rows_strict(r, caller)
+    if changes:
+        ps = _A.written
+        cond = sa.and_(cond, ~_exists(ps, ps.c.resource_pk == r.c.pk, sa.func.coalesce(ps.c.custodian, "") != caller.org))
     return cond
 
 
-def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+@functools.cache
+def _row_shape(kind: str, changes: bool, exact: bool) -> sa.ColumnElement[bool]:
+    return _row_condition(kind, changes, exact, resource, BOUND)
+
+
+def _related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bool]:
+    """A legitimate relationship with `patient`, or a break-glass grant for them."""
+    rel = _A.relationship
+    return sa.or_(patient.in_(caller.break_glass_patients), _exists(
+        rel, rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
+        sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)))
+
+
+def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """Whether provision row `c` applies to row `r` (subject row `ps`) for this caller: in force,
     its dataPeriod met (an undated resource is covered by a deny, never by a permit), and every
     condition group with a matching term. Kept shallow: SQLite's parser limits nesting depth."""
-    t, st = policy_consent_term.alias(), search_token.alias()
+    t, st = _A.term, _A.label
     label = sa.and_(st.c.resource_pk == r.c.pk, st.c.param == "_security", st.c.code == t.c.code,
                     sa.or_(t.c.system.is_(None), st.c.system == t.c.system))
     term = sa.or_(
-        sa.and_(t.c.kind == "actor", t.c.code.in_(caller.refs + caller.careteams)) if caller.refs else sa.false(),
+        sa.and_(t.c.kind == "actor", t.c.code.in_(caller.actors)),
         sa.and_(t.c.kind == "class", t.c.code == r.c.type),
         sa.and_(t.c.kind == "purpose", t.c.code == caller.purpose),
         sa.and_(t.c.kind == "data", t.c.code == r.c.type + "/" + r.c.id),
@@ -334,11 +404,11 @@ def _deepest(c: sa.FromClause, effect: str, explicit: bool = False) -> sa.Column
     return sa.func.coalesce(sa.func.max(sa.case((which, c.c.depth))), -1)
 
 
-def _consents(ps: sa.FromClause, r: sa.FromClause, caller: Caller, decides: Callable[[sa.FromClause], Any],
+def _consents(ps: sa.FromClause, r: sa.FromClause, caller: Any, decides: Callable[[sa.FromClause], Any],
               *where: sa.ColumnElement[bool]) -> sa.Exists:
     """Whether some subject row `ps` of `r` (meeting `where`) has a Consent whose applying
     provisions meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
-    c = policy_consent.alias()
+    c = _A.consent
     return sa.exists(sa.select(sa.literal(1)).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id))
                      .where(ps.c.resource_pk == r.c.pk, *where, c.c.effect.in_(("permit", "deny")),
                             _applies(c, ps, r, caller))
@@ -356,14 +426,14 @@ def _permits_explicitly(c: sa.FromClause) -> sa.ColumnElement[bool]:
     return _deepest(c, "permit", explicit=True) > _deepest(c, "deny")
 
 
-def _care_rows(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+def _care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """Direct care: a relationship with one of the row's patients, and none of its patients' rules
     withholding it from a user outside its custodian organisation: a REDACTED patient, a Consent
     that denies it, a sensitive label without a Consent that explicitly permits it."""
-    ps, hid, den, sen, exp = (policy_subject.alias() for _ in range(5))
+    ps, hid, den, sen, exp = _A.subject, _A.hidden, _A.denied, _A.sensitive, _A.permitted
 
     def foreign(s: sa.FromClause) -> sa.ColumnElement[bool]:
-        return sa.func.coalesce(s.c.custodian, "") != (caller.organization or "")
+        return sa.func.coalesce(s.c.custodian, "") != caller.org
 
     sensitive = sen.c.flags.op("&")(facts.SENSITIVE) != 0
     return sa.and_(
@@ -374,22 +444,22 @@ def _care_rows(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
                  ~_consents(exp, r, caller, _permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
 
 
-def _care_rows_strict(r: sa.FromClause, caller: Caller) -> sa.ColumnElement[bool]:
+def _care_rows_strict(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """`_care_rows` made stricter and two levels deep, for chains and `_has`: outside the custodian,
     nothing of a patient with any privacy Consent, and nothing labelled. Never more than the exact
     rule allows, so such a parameter cannot reveal what the caller may not see."""
-    ps, other, c = policy_subject.alias(), policy_subject.alias(), policy_consent.alias()
+    ps, other, c = _A.strict_subject, _A.strict_other, _A.strict_consent
     consented = _exists(c, c.c.patient_id == other.c.patient_id, c.c.effect.in_(("permit", "deny")))
     return sa.and_(
         _exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
         ~_exists(other, other.c.resource_pk == r.c.pk,
-                 sa.func.coalesce(other.c.custodian, "") != (caller.organization or ""),
+                 sa.func.coalesce(other.c.custodian, "") != caller.org,
                  sa.or_(other.c.flags != 0, consented)))
 
 
-def _deidentified_rows(r: sa.FromClause, now: int) -> sa.ColumnElement[bool]:
+def _deidentified_rows(r: sa.FromClause, now: Any) -> sa.ColumnElement[bool]:
     """Secondary use: nothing of a patient with a secondary-use opt-out in force, or REDACTED."""
-    ps, c = policy_subject.alias(), policy_consent.alias()
+    ps, c = _A.analysed, _A.opt_out
     opted_out = _exists(c, c.c.patient_id == ps.c.patient_id, c.c.effect == "secondary-opt-out",
                         sa.or_(c.c.lo.is_(None), c.c.lo <= now), sa.or_(c.c.hi.is_(None), c.c.hi > now))
     return ~_exists(ps, ps.c.resource_pk == r.c.pk, sa.or_(ps.c.flags.op("&")(facts.HIDDEN) != 0, opted_out))
