@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -77,7 +78,7 @@ class Caller:
         return sorted(self.break_glass)
 
     def binds(self) -> dict[str, Any]:
-        """Values for the bound parameters of conditions built with BOUND."""
+        """Values for the parameter markers of conditions built with MARKERS."""
         return {"pol_refs": list(self.refs), "pol_actors": list(self.actors), "pol_org": self.org,
                 "pol_purpose": self.purpose, "pol_break_glass": self.break_glass_patients, "pol_now": self.now}
 
@@ -85,34 +86,39 @@ class Caller:
 # The values of the caller whose conditions are being run (set by `RequestPolicy.where`, in the
 # thread or task that runs them).
 _BINDS: ContextVar[dict[str, Any]] = ContextVar("carebroker-policy-binds")
+_LISTS = ("pol_refs", "pol_actors", "pol_break_glass")
 
 
-def _bound(key: str, type_: Any, expanding: bool = False) -> sa.BindParameter[Any]:
-    return sa.bindparam(key, type_=type_, expanding=expanding, callable_=lambda: _BINDS.get()[key])
+class _Markers:
+    """A caller made of parameter markers: the conditions for a search's matches are built with it
+    once, compiled to SQL text per database, and reused, each request's values bound when its
+    statement runs. (Building them, and SQLAlchemy's cache key over them, cost more than running
+    them: a text fragment's cache key is its text.)"""
+
+    refs, actors, break_glass_patients, org, purpose, now = (
+        sa.literal_column(f":pol_{n}") for n in ("refs", "actors", "break_glass", "org", "purpose", "now"))
 
 
-class _Bound:
-    """A caller of bound parameters: conditions built with it are built once and reused, each
-    request's values bound when its statement runs (building the conditions costs more than running
-    them)."""
-
-    refs = _bound("pol_refs", sa.String, expanding=True)
-    actors = _bound("pol_actors", sa.String, expanding=True)
-    break_glass_patients = _bound("pol_break_glass", sa.String, expanding=True)
-    org = _bound("pol_org", sa.String)
-    purpose = _bound("pol_purpose", sa.String)
-    now = _bound("pol_now", sa.BigInteger)
+MARKERS: Any = _Markers()
 
 
-BOUND: Any = _Bound()
+def _in(column: sa.ColumnElement[Any], values: Any) -> sa.ColumnElement[bool]:
+    """`column IN values`: a list, or a list-valued parameter marker."""
+    return column.op("IN")(values) if isinstance(values, sa.ColumnElement) else column.in_(values)
+
+
+def _bind(key: str) -> sa.BindParameter[Any]:
+    kind = sa.BigInteger() if key == "pol_now" else sa.String()  # an empty list needs its type too
+    return sa.bindparam(key, type_=kind, expanding=key in _LISTS, callable_=lambda: _BINDS.get()[key])
 
 
 class RequestPolicy:
     """The caller's scopes and roles applied to one request (see the module docstring)."""
 
     def __init__(self, principal: Principal, access: Access | None, caller: Caller,
-                 pseudonymiser: Callable[[], Pseudonymiser]) -> None:
+                 pseudonymiser: Callable[[], Pseudonymiser], dialect: sa.Dialect) -> None:
         self.principal = principal
+        self.dialect = dialect
         self.access = access
         self.caller = caller
         self.rules = _rules(principal)
@@ -210,7 +216,7 @@ class RequestPolicy:
             return _exists(ps, ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
         if r is resource:  # the matches of a search: the same shape every time
             _BINDS.set(self.caller.binds())
-            return _row_shape(rule.rows, permission in ("u", "d"), exact)
+            return _row_shape(rule.rows, permission in ("u", "d"), exact, self.dialect)
         return _row_condition(rule.rows, permission in ("u", "d"), exact, r, self.caller)
 
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
@@ -347,7 +353,7 @@ def _exists(own: sa.FromClause, *conditions: sa.ColumnElement[bool]) -> sa.Exist
 
 
 def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
-    """The rows of `r` a row-reach `kind` (but all and own) reaches for `caller` (a Caller, or BOUND);
+    """The rows of `r` a row-reach `kind` (but all and own) reaches for `caller` (a Caller, or MARKERS);
     `changes`: for an update or delete, which only the custodian's users may make."""
     if kind == "deidentified":
         return _deidentified_rows(r, caller.now)
@@ -359,15 +365,20 @@ def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, call
 
 
 @functools.cache
-def _row_shape(kind: str, changes: bool, exact: bool) -> sa.ColumnElement[bool]:
-    return _row_condition(kind, changes, exact, resource, BOUND)
+def _row_shape(kind: str, changes: bool, exact: bool, dialect: sa.Dialect) -> sa.TextClause:
+    """`_row_condition` on the `resource` table as SQL text for `dialect`, its values bound from
+    `_BINDS` when it runs."""
+    # compiled as the WHERE of a query of `resource`, so its subqueries correlate with that table
+    query = sa.select(sa.literal(1)).select_from(resource).where(_row_condition(kind, changes, exact, resource, MARKERS))
+    sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).split("\nWHERE ", 1)[1]
+    return sa.text(f"({sql})").bindparams(*(_bind(k) for k in sorted(set(re.findall(r":(pol_\w+)", sql)))))
 
 
 def _related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bool]:
     """A legitimate relationship with `patient`, or a break-glass grant for them."""
     rel = _A.relationship
-    return sa.or_(patient.in_(caller.break_glass_patients), _exists(
-        rel, rel.c.patient_id == patient, rel.c.actor.in_(caller.refs),
+    return sa.or_(_in(patient, caller.break_glass_patients), _exists(
+        rel, rel.c.patient_id == patient, _in(rel.c.actor, caller.refs),
         sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)))
 
 
@@ -379,7 +390,7 @@ def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Any)
     label = sa.and_(st.c.resource_pk == r.c.pk, st.c.param == "_security", st.c.code == t.c.code,
                     sa.or_(t.c.system.is_(None), st.c.system == t.c.system))
     term = sa.or_(
-        sa.and_(t.c.kind == "actor", t.c.code.in_(caller.actors)),
+        sa.and_(t.c.kind == "actor", _in(t.c.code, caller.actors)),
         sa.and_(t.c.kind == "class", t.c.code == r.c.type),
         sa.and_(t.c.kind == "purpose", t.c.code == caller.purpose),
         sa.and_(t.c.kind == "data", t.c.code == r.c.type + "/" + r.c.id),
@@ -520,7 +531,7 @@ class PolicyDecisionPoint:
                                   break_glass_reason, now=caller.now)
         if principal.emergency and "clinician" in principal.roles:
             caller.break_glass = self.break_glass.active(requester, now=caller.now)
-        policy = RequestPolicy(principal, access, caller, lambda: self.pseudonymiser)
+        policy = RequestPolicy(principal, access, caller, lambda: self.pseudonymiser, self.service.store.engine.dialect)
         policy.about = patient
         return policy
 
