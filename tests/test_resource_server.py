@@ -93,7 +93,7 @@ def _invalid_tokens() -> dict[str, str]:
         "tampered-payload": (lambda t: t.split(".")[0] + "." + b64(json.dumps(claims(scope="system/*.*", sub="evil"))
                                                                     .encode()) + "." + t.split(".")[2])(TEST_ISSUER.token()),
         "expired": TEST_ISSUER.token(exp=now - 120, iat=now - 600),
-        "nbf-in-the-future": TEST_ISSUER.token(nbf=now + 600),
+        "nbf-in-the-future": TEST_ISSUER.token(nbf=now + 7200),  # still future after a slow suite
         "no-exp": TEST_ISSUER.token(exp=None),
         "wrong-aud": TEST_ISSUER.token(aud="https://elsewhere.example/fhir"),
         "no-aud": TEST_ISSUER.token(aud=None),
