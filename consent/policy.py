@@ -447,12 +447,15 @@ def _care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
         return sa.func.coalesce(s.c.custodian, "") != caller.org
 
     sensitive = sen.c.flags.op("&")(facts.SENSITIVE) != 0
-    return sa.and_(
-        _exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
-        ~_exists(hid, hid.c.resource_pk == r.c.pk, foreign(hid), hid.c.flags.op("&")(facts.HIDDEN) != 0),
-        ~_consents(den, r, caller, _denies, foreign(den)),
-        ~_exists(sen, sen.c.resource_pk == r.c.pk, foreign(sen), sensitive,
-                 ~_consents(exp, r, caller, _permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
+    withheld = sa.or_(
+        _exists(hid, hid.c.resource_pk == r.c.pk, foreign(hid), hid.c.flags.op("&")(facts.HIDDEN) != 0),
+        _consents(den, r, caller, _denies, foreign(den)),
+        _exists(sen, sen.c.resource_pk == r.c.pk, foreign(sen), sensitive,
+                ~_consents(exp, r, caller, _permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
+    # CASE: the rules are looked at only for rows of related patients (planners may otherwise run
+    # them first, for every candidate row)
+    return sa.case((_exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)), ~withheld),
+                   else_=sa.false())
 
 
 def _care_rows_strict(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:

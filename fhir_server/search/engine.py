@@ -420,7 +420,8 @@ def find_includes(conn: sa.Connection, match_pks: list[int], search: Search, rea
 
 
 def _include_query(source_pks: list[int], inc: Include, reach: Reach | None = None) -> sa.Select[Any]:
-    sr, target = search_reference.alias(), resource.alias()
+    # the included rows are the `resource` table itself, whose policy condition is built once
+    sr, target = search_reference.alias(), resource
     q = (sa.select(target.c.pk).select_from(sr.join(target, sa.and_(
         target.c.type == sr.c.target_type, target.c.id == sr.c.target_id)))
         .where(sr.c.resource_pk.in_(source_pks), target.c.deleted.is_(False)))
@@ -430,7 +431,7 @@ def _include_query(source_pks: list[int], inc: Include, reach: Reach | None = No
 
 
 def _revinclude_query(target_pks: list[int], inc: Include, reach: Reach | None = None) -> sa.Select[Any]:
-    sr, source, target = search_reference.alias(), resource.alias(), resource.alias()
+    sr, source, target = search_reference.alias(), resource, resource.alias()
     q = (sa.select(source.c.pk).select_from(
         sr.join(target, sa.and_(target.c.type == sr.c.target_type, target.c.id == sr.c.target_id))
         .join(source, source.c.pk == sr.c.resource_pk))

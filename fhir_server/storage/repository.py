@@ -285,7 +285,8 @@ class Store:
                 batches.setdefault(kind, []).extend(
                     {"resource_pk": pk, "type": t, **dict(zip(columns, row))} for row in rows)
         for kind, batch in batches.items():
-            conn.execute(INDEX_TABLES[kind].insert(), batch)
+            if batch:  # a kind can come with no rows (a Consent with no condition terms)
+                conn.execute(INDEX_TABLES[kind].insert(), batch)
 
     @staticmethod
     def insert_index(conn: sa.Connection, pk: int, rtype: str, index: Mapping[str, Iterable[tuple[Any, ...]]]) -> None:

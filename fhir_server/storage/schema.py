@@ -144,7 +144,8 @@ policy_subject = _index_table(
     sa.Column("flags", sa.Integer, nullable=False),  # consent/facts.py: SENSITIVE | RESTRICTED | HIDDEN
     sa.Column("data_lo", sa.BigInteger, nullable=True),  # [lo, hi) microseconds; NULL: no clinical date
     sa.Column("data_hi", sa.BigInteger, nullable=True),
-    lookups=(("patient_id",),))
+    # the policy probes a row's subjects by resource: covering, so they never visit the table
+    lookups=(("patient_id",), ("resource_pk", "patient_id", "custodian", "flags")))
 # Care relationships a resource states (an active CareTeam's participants, an active Encounter's
 # participants, a Patient's registered GP): `param` says which; `until` is when it lapses (NULL: open).
 policy_relationship = _index_table(
@@ -152,7 +153,7 @@ policy_relationship = _index_table(
     sa.Column("patient_id", sa.String(64), nullable=False),
     sa.Column("actor", sa.String(160), nullable=False),  # Practitioner/<id>, PractitionerRole/<id>, Organization/<id>, ...
     sa.Column("until", sa.BigInteger, nullable=True),
-    lookups=(("patient_id", "actor"),))
+    lookups=(("patient_id", "actor", "until"),))
 # An active Consent's provisions, flattened: one row per provision (`param` its path: "0", "0.1",
 # ...). `effect`: permit | deny, or secondary-opt-out (a National Data Opt-out / Type 1 dissent).
 # A provision applies when each of its `groups` condition groups (its own and its ancestors' actor,
