@@ -4,6 +4,9 @@ machine and code facts every result records.
 
 The population: about 10 resources per patient (Patient, 4-10 Encounters, a CareTeam and a CarePlan),
 plus 200 GP practices and 2,000 practitioners; nobody real (NHS numbers from the 999 test range).
+Its policy variant (`Population(..., policy=True)`, for the access-policy runs) adds what the
+policy reads: every record entry names its custodian (the patient's GP practice), and about 5% of
+patients have a Consent (opt-outs, some with nested permits or a nested deny; National Data Opt-outs).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ from typing import Any, NamedTuple
 
 import httpx
 import sqlalchemy as sa
+from joserfc import jwt
+from joserfc.jwk import RSAKey
 
 import fhir_server
 from conformance.nhs_number import NHS_NUMBER_SYSTEM, nhs_check_digit
@@ -44,7 +49,7 @@ from fhir_server.storage.repository import Store
 from fhir_server.storage.schema import resource
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CODE_DIRS = ("fhir_server", "conformance")  # what the loader, the server and the plans run
+CODE_DIRS = ("fhir_server", "conformance", "consent")  # what the loader, the server and the plans run
 PG_DEFAULT = "postgresql+psycopg://127.0.0.1:5432/test"
 
 ODS_SYSTEM = "https://fhir.nhs.uk/Id/ods-organization-code"
@@ -143,6 +148,23 @@ ENCOUNTER_TYPES = (("11429006", "Consultation"), ("185317003", "Telephone encoun
 TEAM_ROLES = (("62247001", "General practitioner"), ("224535009", "Registered nurse"),
               ("106328005", "Social worker"))
 
+# -- the policy variant: custodians and Consents (consent/facts.py reads them) ---------------------
+CUSTODIAN_SYSTEM = "https://carebroker.example/CodeSystem/custodian"  # consent.facts.CUSTODIAN_SYSTEM
+CONSENT_SCOPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/consentscope"
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+NDOO_CODE = "827241000000103"  # Type 1 dissent: secondary use only
+# (kind, share of patients): drawn per patient from its own seeded stream, so adding them changes
+# nothing else of the population.
+CONSENT_KINDS = (
+    ("opt-out", 0.02),  # OPTOUT: nothing of theirs leaves the custodian organisation
+    ("opt-out-careteam", 0.01),  # ... except to their care team (a nested permit naming CareTeam/ct<n>)
+    ("opt-out-named-gp", 0.005),  # ... except to one named GP (a nested permit naming Practitioner/pr<team[0]>)
+    ("no-encounters-2016-2018", 0.005),  # OPTIN, with a nested deny of Encounters dated 2016-2018
+    ("ndoo", 0.01),  # National Data Opt-out (Type 1): a deny for research purposes only
+)
+ENCOUNTER_DENY_FROM, ENCOUNTER_DENY_TO = date(2016, 1, 1), date(2018, 12, 31)  # dataPeriod, inclusive
+
 
 def seeded_rng(seed: int, *key: object) -> random.Random:
     return random.Random(":".join(map(str, (seed, *key))))  # str seeds hash with SHA-512: stable
@@ -173,6 +195,7 @@ class Person:
     phone: str
     line: str
     postcode: str
+    consent: str | None = None  # one of CONSENT_KINDS, or none (used by the policy variant only)
 
 
 def person(seed: int, n: int) -> Person:
@@ -195,15 +218,26 @@ def person(seed: int, n: int) -> Person:
     postcode = (f"{rng.choice(districts)} {rng.randint(1, 9)}"
                 f"{rng.choice(POSTCODE_LETTERS)}{rng.choice(POSTCODE_LETTERS)}")
     return Person(n, family, given, gender, birth, nhs_number(n), org, tuple(team), encounters,
-                  f"07700 900{rng.randrange(1000):03d}", f"{rng.randint(1, 250)} {rng.choice(STREETS)}", postcode)
+                  f"07700 900{rng.randrange(1000):03d}", f"{rng.randint(1, 250)} {rng.choice(STREETS)}", postcode,
+                  consent_kind(seed, n))
+
+
+def consent_kind(seed: int, n: int) -> str | None:
+    roll, bound = seeded_rng(seed, "consent", n).random(), 0.0
+    for kind, share in CONSENT_KINDS:
+        bound += share
+        if roll < bound:
+            return kind
+    return None
 
 
 def _instant(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def patient_resources(p: Person) -> list[dict[str, Any]]:
-    """Patient, Encounters, CareTeam and CarePlan of one person (valid FHIR R4)."""
+def patient_resources(p: Person, policy: bool = False) -> list[dict[str, Any]]:
+    """Patient, Encounters, CareTeam and CarePlan of one person (valid FHIR R4). `policy`: each
+    names its custodian (the GP practice). (The person's Consent, if any: `consent_resource`.)"""
     town, _ = TOWNS[p.org % len(TOWNS)]
     pid = f"p{p.n}"
     out: list[dict[str, Any]] = [{
@@ -244,7 +278,42 @@ def patient_resources(p: Person) -> list[dict[str, Any]]:
         "period": {"start": p.encounters[0][0].date().isoformat()},
         "careTeam": [{"reference": f"CareTeam/ct{p.n}"}],
     })
-    return out
+    return [_with_custodian(r, p) for r in out] if policy else out
+
+
+def _with_custodian(r: dict[str, Any], p: Person) -> dict[str, Any]:
+    return {**r, "meta": {"tag": [{"system": CUSTODIAN_SYSTEM, "code": f"Organization/org{p.org}"}]}}
+
+
+def consent_resource(p: Person) -> dict[str, Any]:
+    """The person's privacy Consent (see CONSENT_KINDS), shaped as the policy tests' Consents."""
+    def actor(ref: str) -> dict[str, Any]:
+        return {"role": {"coding": [{"system": PARTICIPATION_TYPE, "code": "IRCP"}]}, "reference": {"reference": ref}}
+
+    rule, category = "OPTOUT", {"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}
+    provision: dict[str, Any] | None = None
+    if p.consent == "opt-out-careteam":
+        provision = {"type": "deny", "provision": [{"type": "permit", "actor": [actor(f"CareTeam/ct{p.n}")]}]}
+    elif p.consent == "opt-out-named-gp":
+        provision = {"type": "deny", "provision": [{"type": "permit", "actor": [actor(f"Practitioner/pr{p.team[0]}")]}]}
+    elif p.consent == "no-encounters-2016-2018":
+        rule = "OPTIN"
+        provision = {"type": "permit", "provision": [{
+            "type": "deny", "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Encounter"}],
+            "dataPeriod": {"start": ENCOUNTER_DENY_FROM.isoformat(), "end": ENCOUNTER_DENY_TO.isoformat()}}]}
+    elif p.consent == "ndoo":
+        category = {"coding": [{"system": SNOMED, "code": NDOO_CODE}]}
+        provision = {"type": "deny", "purpose": [{"system": ACT_REASON, "code": "HRESCH"}]}
+    body: dict[str, Any] = {
+        "resourceType": "Consent", "id": f"consent{p.n}", "status": "active",
+        "scope": {"coding": [{"system": CONSENT_SCOPE_SYSTEM, "code": "patient-privacy"}]},
+        "category": [category], "patient": {"reference": f"Patient/p{p.n}"},
+        "dateTime": p.encounters[0][0].date().isoformat(),
+        "policyRule": {"coding": [{"system": V3_ACT_CODE, "code": rule}]},
+    }
+    if provision is not None:
+        body["provision"] = provision
+    return _with_custodian(body, p)
 
 
 def fixed_resources(seed: int) -> list[dict[str, Any]]:
@@ -279,8 +348,8 @@ def fixed_resources(seed: int) -> list[dict[str, Any]]:
 class Population:
     """Everything the checks need, recomputed from the seed (the loader's workers generate the same)."""
 
-    def __init__(self, seed: int, size: int) -> None:
-        self.seed, self.size = seed, size
+    def __init__(self, seed: int, size: int, policy: bool = False) -> None:
+        self.seed, self.size, self.policy = seed, size, policy  # policy: the variant (see the module docstring)
         self.people = [person(seed, n) for n in range(size)]
         self.families = Counter(normalise(p.family) for p in self.people)
         self.births = sorted(p.birth for p in self.people)
@@ -289,6 +358,21 @@ class Population:
             for j in p.team:
                 self.by_practitioner[j].add(p.n)
         self.resources = N_ORGS + N_PRACTITIONERS + sum(3 + len(p.encounters) for p in self.people)
+        self.consents = sum(p.consent is not None for p in self.people) if policy else 0
+        self.resources += self.consents
+
+    def expected_counts(self) -> dict[str, int]:
+        """Resources per type, as stored."""
+        counts = {"Organization": N_ORGS, "Practitioner": N_PRACTITIONERS, "Patient": self.size,
+                  "CareTeam": self.size, "CarePlan": self.size,
+                  "Encounter": sum(len(p.encounters) for p in self.people)}
+        if self.consents:
+            counts["Consent"] = self.consents
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the population (a reused database must hold the same one)."""
+        return {"seed": self.seed, "patients": self.size, "policy": self.policy, "resources": self.resources}
 
     def family_count(self, prefix: str) -> int:
         norm = normalise(prefix)
@@ -335,13 +419,13 @@ def check_code(run: dict[str, Any], when: str) -> None:
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(url: str, seed: int, validate: bool) -> None:
+def _worker_init(url: str, seed: int, validate: bool, policy: bool = False) -> None:
     engine = create_engine(url)
-    _worker.update(service=FhirService(Store(engine)), seed=seed, validate=validate)
+    _worker.update(service=FhirService(Store(engine)), seed=seed, validate=validate, policy=policy)
 
 
 def _worker_load(span: tuple[int, int]) -> int:
-    batch = [r for n in range(*span) for r in patient_resources(person(_worker["seed"], n))]
+    batch = [r for n in range(*span) for r in patient_resources(person(_worker["seed"], n), _worker["policy"])]
     return _worker["service"].bulk_put(batch, validate=_worker["validate"])
 
 
@@ -364,7 +448,7 @@ def load(url: str, pop: Population, args: argparse.Namespace) -> dict[str, Any]:
     done, next_report, t0 = 0, 0.1, time.perf_counter()
     patients_total = pop.resources - len(fixed)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.processes, initializer=_worker_init, initargs=(url, pop.seed, validate)) as pool:
+    with ctx.Pool(args.processes, initializer=_worker_init, initargs=(url, pop.seed, validate, pop.policy)) as pool:
         for count in pool.imap_unordered(_worker_load, spans):
             done += count
             if done / patients_total >= next_report:
@@ -372,15 +456,41 @@ def load(url: str, pop: Population, args: argparse.Namespace) -> dict[str, Any]:
                 log(f"  loaded {done:,}/{patients_total:,} patient resources, {done / elapsed:,.0f}/s")
                 next_report += 0.1
     patients_s = time.perf_counter() - t0
+    consents_s = 0.0
+    if pop.policy:
+        t1 = time.perf_counter()
+        done += put_consents(url, [p for p in pop.people if p.consent], validate)
+        consents_s = time.perf_counter() - t1
     total_s = time.perf_counter() - started
     if done != patients_total:
         raise BenchError(f"loader stored {done} patient resources, expected {patients_total}")
     return {"resources": pop.resources, "fixed_resources": len(fixed), "patient_resources": patients_total,
             "seconds": round(total_s, 1), "resources_per_s": round(pop.resources / total_s),
             "patient_phase_seconds": round(patients_s, 1),
-            "patient_phase_resources_per_s": round(patients_total / patients_s),
+            "patient_phase_resources_per_s": round((patients_total - pop.consents) / patients_s),
             "fixed_phase_seconds": round(fixed_s, 1), "validate": validate, "processes": args.processes,
-            "batch_resources": args.batch}
+            "batch_resources": args.batch, **({"consent_phase_seconds": round(consents_s, 1)} if pop.policy else {})}
+
+
+def put_consents(url: str, people: list[Person], validate: bool) -> int:
+    """The Consents of the policy variant, after the patients they are about, in bulk_put batches of
+    up to about 1,000 that each hold at least one Consent with condition terms (actor, class,
+    purpose): a batch whose Consents have none fails, because `Store.insert_many` then executes an
+    empty batch of policy_consent_term rows as `INSERT ... DEFAULT VALUES` (NOT NULL constraint).
+    If there is no such Consent at all, they go one by one through `update`."""
+    engine = create_engine(url)
+    service = FhirService(Store(engine))
+    try:
+        termed = [consent_resource(p) for p in people if p.consent != "opt-out"]
+        plain = [consent_resource(p) for p in people if p.consent == "opt-out"]
+        if not termed:
+            for body in plain:
+                service.update("Consent", body["id"], body)
+            return len(plain)
+        k = min(len(termed), -(-(len(termed) + len(plain)) // 1000))
+        return sum(service.bulk_put(termed[i::k] + plain[i::k], validate=validate) for i in range(k))
+    finally:
+        engine.dispose()
 
 
 def after_load(url: str, db: str, pop: Population, args: argparse.Namespace) -> dict[str, Any]:
@@ -390,11 +500,9 @@ def after_load(url: str, db: str, pop: Population, args: argparse.Namespace) -> 
     try:
         with engine.connect() as conn:
             counts = dict(conn.execute(sa.select(resource.c.type, sa.func.count()).group_by(resource.c.type)).all())
-        expected = Counter({"Organization": N_ORGS, "Practitioner": N_PRACTITIONERS, "Patient": pop.size,
-                            "CareTeam": pop.size, "CarePlan": pop.size,
-                            "Encounter": sum(len(p.encounters) for p in pop.people)})
-        if counts != dict(expected):
-            raise BenchError(f"stored resources {counts} differ from the population {dict(expected)}")
+        expected = pop.expected_counts()
+        if counts != expected:
+            raise BenchError(f"stored resources {counts} differ from the population {expected}")
         facts["counts"] = counts
         t0 = time.perf_counter()
         if db == "postgresql":
@@ -432,33 +540,70 @@ def after_load(url: str, db: str, pop: Population, args: argparse.Namespace) -> 
 
 @contextlib.contextmanager
 def database(db: str, name: str, workdir: Path, args: argparse.Namespace) -> Iterator[str]:
-    """A fresh, empty database named after the run (`search-10000`); removed afterwards unless --keep."""
+    """A fresh, empty database named after the run (`search-10000`); removed afterwards unless --keep.
+    With `args.reuse` (scripts that offer --reuse): the database of that name is kept across runs
+    (the SQLite file `<workdir>/<name>.db`, the PostgreSQL schema `bench_<name>_kept`), made empty if
+    it does not exist yet; the caller checks what it holds (see `stored_population`)."""
+    reuse = getattr(args, "reuse", False)
     if db == "sqlite":
         path = workdir / f"{name}.db"
-        for f in workdir.glob(path.name + "*"):
-            f.unlink()
+        if not reuse:
+            for f in workdir.glob(path.name + "*"):
+                f.unlink()
         try:
             yield f"sqlite:///{path}"
         finally:
-            if args.keep:
+            if args.keep or reuse:
                 log(f"kept {path}")
             else:
                 for f in workdir.glob(path.name + "*"):
                     f.unlink()
         return
-    schema = f"bench_{name.replace('-', '_')}_{secrets.token_hex(3)}"
+    schema = f"bench_{name.replace('-', '_')}_" + ("kept" if reuse else secrets.token_hex(3))
     admin = sa.create_engine(args.pg, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        conn.exec_driver_sql(f"CREATE SCHEMA {'IF NOT EXISTS ' if reuse else ''}{schema}")
     try:
         yield f"{args.pg}?options=-csearch_path%3D{schema}"
     finally:
-        if args.keep:
+        if args.keep or reuse:
             log(f"kept PostgreSQL schema {schema}")
         else:
             with admin.connect() as conn:
                 conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+def population_marker(url: str, workdir: Path) -> Path:
+    """The file beside a reused database that says which population was loaded into it."""
+    tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+    return workdir / f"population-{tag}.json"
+
+
+def stored_population(url: str, workdir: Path, pop: Population) -> dict[str, Any] | None:
+    """For --reuse: the load figures of the run that loaded `pop` into the database (then loading is
+    skipped), or None if it is empty; a BenchError if it holds something else or an unfinished load."""
+    engine = create_engine(url)
+    try:
+        if not sa.inspect(engine).has_table("resource"):
+            return None
+        with engine.connect() as conn:
+            stored = conn.execute(sa.select(sa.func.count()).select_from(resource)).scalar_one()
+    finally:
+        engine.dispose()
+    if stored == 0:
+        return None
+    marker = population_marker(url, workdir)
+    found = json.loads(marker.read_text()) if marker.exists() else {}
+    if found.get("population") != pop.describe() or stored != pop.resources:
+        raise BenchError(f"--reuse: {url} holds {stored:,} resources of {found.get('population') or 'an unknown population'}, "
+                         f"not {pop.describe()}: remove it, or run without --reuse")
+    return {**found["load"], "reused": True}
+
+
+def remember_population(url: str, workdir: Path, pop: Population, load_figures: dict[str, Any]) -> None:
+    """For --reuse: note which population a database holds, and how its load went."""
+    population_marker(url, workdir).write_text(json.dumps({"population": pop.describe(), "load": load_figures}) + "\n")
 
 
 def free_port() -> int:
@@ -480,16 +625,21 @@ class Server(NamedTuple):
 
 
 @contextlib.contextmanager
-def server(url: str, workers: int, log_path: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+def server(url: str, workers: int, log_path: Path, env: dict[str, str] | None = None,
+           issuer: BenchIssuer | None = None) -> Iterator[Server]:
     """`carebroker serve` on the database (`env`: extra environment); yields it once /fhir/metadata answers.
-    It runs with `--auth off`: these benchmarks time the FHIR engine (searches, export, ingest), and
-    their clients send no tokens; bench/rest.py measures what token checks cost."""
+    It runs with `--auth off` (these benchmarks time the FHIR engine, and their clients send no
+    tokens; bench/rest.py measures what token checks cost) unless `issuer` is given: then with token
+    checks, trusting that issuer, and every request must carry one of its tokens."""
     port = free_port()
+    env = {**os.environ, **(env or {})}
+    auth = ["--auth", "off"]
+    if issuer is not None:
+        env["CAREBROKER_TRUSTED_ISSUERS"], auth = issuer.trusted_issuers(), []
     with open(log_path, "w") as out:
         proc = subprocess.Popen([carebroker_command(), "serve", "--port", str(port), "--database", url,
-                                 "--workers", str(workers), "--log-level", "warning", "--auth", "off"],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
+                                 "--workers", str(workers), "--log-level", "warning", *auth],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}/fhir"
     try:
         deadline, answered = time.monotonic() + 180, 0
@@ -527,6 +677,31 @@ def process_tree(pid: int) -> list[int]:
             with contextlib.suppress(OSError):
                 pids += [int(child) for child in children.read_text().split()]
     return pids
+
+
+class BenchIssuer:
+    """A token issuer for a run: an RSA key made for it, its JWKS in a file the server trusts through
+    CAREBROKER_TRUSTED_ISSUERS, and a fixed audience (so tokens do not depend on the server's port)."""
+
+    ISSUER = "https://bench.carebroker.invalid"
+    AUDIENCE = "carebroker-bench"
+
+    def __init__(self, workdir: Path) -> None:
+        self.key = RSAKey.generate_key(2048, parameters={"kid": "bench"})
+        self.jwks = workdir / "bench-jwks.json"
+        self.jwks.write_text(json.dumps({"keys": [self.key.as_dict(private=False)]}))
+
+    def trusted_issuers(self) -> str:
+        return json.dumps([{"issuer": self.ISSUER, "jwks": str(self.jwks), "audience": self.AUDIENCE}])
+
+    def claims(self, **claims: Any) -> dict[str, Any]:
+        """A token's claims, valid for a day; `claims` add to or replace the standard ones."""
+        now = int(time.time())
+        return {"iss": self.ISSUER, "aud": self.AUDIENCE, "iat": now, "exp": now + 86400,
+                "jti": secrets.token_hex(8), **claims}
+
+    def token(self, claims: dict[str, Any]) -> str:
+        return jwt.encode({"alg": "RS256", "typ": "at+jwt", "kid": "bench"}, claims, self.key, algorithms=["RS256"])
 
 
 class BenchError(Exception):
