@@ -245,31 +245,35 @@ def consent_facts(consent: dict[str, Any]) -> Rows:
         stack.extend(p for p in node.get("provision") or () if isinstance(p, dict))
     if codes & SECONDARY_OPT_OUT_CODES:
         lo, hi = _period(root.get("period"))
-        rules.add(("secondary", pid, 0, "secondary-opt-out", False, 0, lo, hi, None, None))
+        rules.add(("secondary", pid, 0, "secondary-opt-out", False, 0, lo, hi, None, None, True))
     if PRIVACY_SCOPE in _codes(consent.get("scope")):
         default = "deny" if _codes(consent.get("policyRule")) & DENYING_POLICY_RULES else "permit"
-        _flatten(root, "0", 0, root.get("type") or default, pid, (None, None), (None, None), [], rules, terms)
+        _flatten(root, "0", 0, root.get("type") or default, pid, (None, None), (None, None), True, [], rules, terms)
     return {"policy_consent": rules, "policy_consent_term": terms} if rules else {}
 
 
 def _flatten(node: dict[str, Any], path: str, depth: int, effect: str, pid: str,
-             period: tuple[int | None, int | None], data_period: tuple[int | None, int | None],
+             period: tuple[int | None, int | None], data_period: tuple[int | None, int | None], undated: bool,
              groups: list[tuple[str, set[tuple[str | None, str]]]],
              rules: set[tuple[Any, ...]], terms: set[tuple[Any, ...]]) -> None:
     actions = _codes(node.get("action"))
     if actions and not actions & READ_ACTIONS:
         return  # about collecting or correcting, not reading; its exceptions go with it
     period = _intersect(period, _period(node.get("period")))
-    data_period = _intersect(data_period, _period(node.get("dataPeriod")))
+    own_data_period = _period(node.get("dataPeriod"))
+    data_period = _intersect(data_period, own_data_period)
+    # an undated resource meets a deny's dataPeriod and not a permit's, at each level
+    undated = undated and (own_data_period == (None, None) or effect == "deny")
     if period[0] is not None and period[1] is not None and period[0] >= period[1]:
         return  # never in force
     groups = groups + _terms(node)
     explicit = any(kind in ("actor", "label") for kind, _ in groups)
-    rules.add((path, pid, depth, effect, explicit, len(groups), period[0], period[1], *data_period))
+    rules.add((path, pid, depth, effect, explicit, len(groups), period[0], period[1], *data_period, undated))
     for g, (kind, values) in enumerate(groups):
         for system, code in values:
             terms.add((path, kind, g, system, code[:255]))
     for i, child in enumerate(node.get("provision") or ()):
         if isinstance(child, dict) and child.get("type") in ("permit", "deny"):
-            _flatten(child, f"{path}.{i}", depth + 1, child["type"], pid, period, data_period, groups, rules, terms)
+            _flatten(child, f"{path}.{i}", depth + 1, child["type"], pid, period, data_period, undated, groups, rules,
+                     terms)
 

@@ -399,9 +399,10 @@ def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Any)
     matched = (sa.select(sa.func.count(sa.distinct(t.c.grp))).select_from(t.outerjoin(st, label))
                .where(t.c.resource_pk == c.c.resource_pk, t.c.param == c.c.param, term).correlate_except(t, st)
                .scalar_subquery())
-    # An undated row spans all time for a deny and no time for a permit; an open end is no bound.
-    undated_lo = sa.case((c.c.effect == "deny", MIN_US), else_=MAX_US)
-    undated_hi = sa.case((c.c.effect == "deny", MAX_US), else_=MIN_US)
+    # An undated row spans all time where the provision covers undated data, else no time; an open
+    # end is no bound.
+    undated_lo = sa.case((c.c.undated.is_(True), MIN_US), else_=MAX_US)
+    undated_hi = sa.case((c.c.undated.is_(True), MAX_US), else_=MIN_US)
     return sa.and_(
         sa.func.coalesce(c.c.lo, MIN_US) <= caller.now, sa.func.coalesce(c.c.hi, MAX_US) > caller.now,
         sa.func.coalesce(ps.c.data_lo, undated_lo) < sa.func.coalesce(c.c.data_hi, MAX_US + 1),

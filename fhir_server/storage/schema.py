@@ -167,8 +167,9 @@ policy_consent = _index_table(
     sa.Column("groups", sa.Integer, nullable=False),
     sa.Column("lo", sa.BigInteger, nullable=True),  # in force from (NULL: always)
     sa.Column("hi", sa.BigInteger, nullable=True),  # in force until (NULL: no end)
-    sa.Column("data_lo", sa.BigInteger, nullable=True),  # dataPeriod
+    sa.Column("data_lo", sa.BigInteger, nullable=True),  # dataPeriod, its own and its ancestors' intersected
     sa.Column("data_hi", sa.BigInteger, nullable=True),
+    sa.Column("undated", sa.Boolean, nullable=False),  # applies to a resource with no clinical date
     lookups=(("patient_id", "effect"),))
 # The values a flattened provision's condition groups name; `param` is the provision's path, `grp`
 # the group. actor: (None, "Type/id"), class: (None, type), label: (system, code), purpose:

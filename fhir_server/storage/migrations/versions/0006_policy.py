@@ -24,7 +24,7 @@ _FACTS = {
                         sa.Column("depth", sa.Integer, nullable=False), sa.Column("effect", sa.String(24), nullable=False),
                         sa.Column("explicit", sa.Boolean, nullable=False), sa.Column("groups", sa.Integer, nullable=False), sa.Column("lo", sa.BigInteger),
                         sa.Column("hi", sa.BigInteger), sa.Column("data_lo", sa.BigInteger),
-                        sa.Column("data_hi", sa.BigInteger)],
+                        sa.Column("data_hi", sa.BigInteger), sa.Column("undated", sa.Boolean, nullable=False)],
                        [("patient_id", "effect")]),
     "policy_consent_term": ([sa.Column("kind", sa.String(16), nullable=False), sa.Column("grp", sa.Integer, nullable=False),
                              sa.Column("system", sa.String(255)),
