@@ -4,14 +4,15 @@
 The explanation does not re-implement the policy. The caller's policy is built by the server's own
 `PolicyDecisionPoint.for_principal` (their PractitionerRoles, care teams and break-glass grants,
 looked up the same way), and every verdict is the server's own SQL evaluated on this one row: the
-relationship test is `_related`, a Consent's provision applies by `_applies`, a Consent denies by
-`_denies` and permits explicitly by `_permits_explicitly` (through `_consents`), direct care is
-`_care_rows`, secondary use `_deidentified_rows`, each rule's reach `RequestPolicy._rows`, and the
-final answer `RequestPolicy.where` and `RequestPolicy.refusal`, exactly as a read or search asks
-them. What is listed besides (relationship rows, provisions, flags) are the policy facts those
-conditions read. The per-patient verdicts are then combined as `_care_rows` combines them, and the
-combination is checked against `_care_rows` itself, and the rules' reach against `where`: any
-difference is reported as an inconsistency in the explanation (a bug), never hidden.
+relationship test is `is_related`, a Consent's provision applies by `provision_applies`, a Consent
+denies by `consent_denies` and permits explicitly by `consent_permits_explicitly` (through
+`consents_deciding`), direct care is `care_rows`, secondary use `deidentified_rows`, each rule's
+reach `RequestPolicy.rows_reached`, and the final answer `RequestPolicy.where` and
+`RequestPolicy.refusal`, exactly as a read or search asks them. What is listed besides
+(relationship rows, provisions, flags) are the policy facts those conditions read. The
+per-patient verdicts are then combined as `care_rows` combines them, and the combination is
+checked against `care_rows` itself, and the rules' reach against `where`: any difference is
+reported as an inconsistency in the explanation (a bug), never hidden.
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import sqlalchemy as sa
 
 from conformance.validation import supported_resource_types
 from consent import facts
-from consent.policy import (PolicyDecisionPoint, RequestPolicy, _applies, _care_rows, _consents, _deidentified_rows,
-                            _denies, _permits_explicitly, _related)
+from consent.policy import (PolicyDecisionPoint, RequestPolicy, care_rows, consent_denies, consent_permits_explicitly,
+                            consents_deciding, deidentified_rows, is_related, provision_applies)
 from consent.rules import DIRECTORY, ROLE_RULES, SEARCH_ONLY
 from fhir_server import jsonfmt
 from fhir_server.auth.principal import EMERGENCY_PURPOSE, Principal, principal_from_claims
@@ -234,7 +235,7 @@ class _Explainer:
             if rule.rows != "all":
                 out["note"] = f"{self.rtype} is a directory type: part of nobody's record, every row is reached"
             return out
-        cond = self.policy._rows(rule, self.letter, resource, True)
+        cond = self.policy.rows_reached(rule, self.letter, resource, True)
         out["reaches"] = pk is not None and _holds(conn, resource, cond, resource.c.pk == pk)
         if pk is None:
             return out
@@ -274,13 +275,13 @@ class _Explainer:
             subject = next(s for s in res["subjects"] if s["patient"] == pid)
             flags = set(subject["flags"])
             ps = policy_subject.alias()
-            related = _holds(conn, ps, _related(ps.c.patient_id, caller), ps.c.resource_pk == pk,
+            related = _holds(conn, ps, is_related(ps.c.patient_id, caller), ps.c.resource_pk == pk,
                              ps.c.patient_id == pid)
             den, exp = policy_subject.alias(), policy_subject.alias()
-            denies = _holds(conn, resource, _consents(den, resource, caller, _denies, den.c.patient_id == pid),
-                            resource.c.pk == pk)
-            permits = _holds(conn, resource, _consents(exp, resource, caller, _permits_explicitly,
-                                                       exp.c.patient_id == pid), resource.c.pk == pk)
+            denies = _holds(conn, resource, consents_deciding(den, resource, caller, consent_denies,
+                                                              den.c.patient_id == pid), resource.c.pk == pk)
+            permits = _holds(conn, resource, consents_deciding(exp, resource, caller, consent_permits_explicitly,
+                                                               exp.c.patient_id == pid), resource.c.pk == pk)
             hidden = foreign and "hidden (REDACTED)" in flags
             sensitive = "sensitive" in flags
             entry = {
@@ -290,13 +291,13 @@ class _Explainer:
                 "related": related,
                 "consents": self._consents(conn, pk, pid),
                 "consentDenies": denies, "explicitlyPermitted": permits, "sensitive": sensitive,
-                # The verdicts `_care_rows` combines (each only binds users of another organisation).
+                # The verdicts `care_rows` combines (each only binds users of another organisation).
                 "hidden": hidden, "denied": foreign and denies,
                 "sensitiveWithheld": foreign and sensitive and not permits,
             }
             for key, verdict in (("denies", denies), ("permitsExplicitly", permits)):
                 if any(c.get(key) for c in entry["consents"]) != verdict:
-                    self.problems.append(f"Patient/{pid}: the Consents one by one ({key}) differ from _consents "
+                    self.problems.append(f"Patient/{pid}: the Consents one by one ({key}) differ from consents_deciding "
                                          f"({_yes(verdict)})")
             out["patients"].append(entry)
         ps = out["patients"]
@@ -308,10 +309,10 @@ class _Explainer:
         }
         v = out["verdicts"]
         out["reaches"] = v["related"] and not (v["hidden"] or v["denied"] or v["sensitiveWithheld"])
-        care_sql = _holds(conn, resource, _care_rows(resource, caller), resource.c.pk == pk)
+        care_sql = _holds(conn, resource, care_rows(resource, caller), resource.c.pk == pk)
         if care_sql != out["reaches"]:
             self.problems.append(f"direct care: the per-patient verdicts combined ({_yes(out['reaches'])}) differ "
-                                 f"from _care_rows ({_yes(care_sql)})")
+                                 f"from care_rows ({_yes(care_sql)})")
         return out
 
     def _relationships(self, conn: sa.Connection, pid: str) -> list[dict[str, Any]]:
@@ -329,7 +330,7 @@ class _Explainer:
 
     def _consents(self, conn: sa.Connection, pk: int, pid: str) -> list[dict[str, Any]]:
         """Each Consent of `pid`: its flattened provisions, whether each applies to this row for this
-        caller (`_applies`), and whether the Consent denies / explicitly permits (`_consents`)."""
+        caller (`provision_applies`), and whether the Consent denies / explicitly permits (`consents_deciding`)."""
         caller = self.caller
         c, ps, src = policy_consent.alias(), policy_subject.alias(), resource.alias()
         param = conn.execute(sa.select(sa.func.min(ps.c.param)).where(ps.c.resource_pk == pk,
@@ -337,7 +338,7 @@ class _Explainer:
         rows = conn.execute(
             sa.select(c.c.resource_pk, src.c.type, src.c.id, c.c.param, c.c.depth, c.c.effect, c.c.explicit,
                       c.c.groups, c.c.lo, c.c.hi, c.c.data_lo, c.c.data_hi,
-                      sa.case((_applies(c, ps, resource, caller), 1), else_=0).label("applies"))
+                      sa.case((provision_applies(c, ps, resource, caller), 1), else_=0).label("applies"))
             .select_from(c.join(src, src.c.pk == c.c.resource_pk).join(ps, ps.c.patient_id == c.c.patient_id)
                          .join(resource, resource.c.pk == ps.c.resource_pk))
             .where(c.c.patient_id == pid, ps.c.resource_pk == pk, ps.c.param == param)
@@ -371,26 +372,26 @@ class _Explainer:
                 entry["privacy"] = False
                 continue
             entry["privacy"] = True
-            entry["denies"] = self._consent_decides(conn, pk, pid, cpk, _denies)
-            entry["permitsExplicitly"] = self._consent_decides(conn, pk, pid, cpk, _permits_explicitly)
+            entry["denies"] = self._consent_decides(conn, pk, pid, cpk, consent_denies)
+            entry["permitsExplicitly"] = self._consent_decides(conn, pk, pid, cpk, consent_permits_explicitly)
             applying = [p for p in entry["provisions"] if p["applies"]]
             entry["deepest"] = _deepest_applying(applying)
             if (entry["deepest"] is not None and entry["deepest"]["effect"] == "deny") != entry["denies"]:
-                self.problems.append(f"{entry['consent']}: its deepest applying provision and _denies disagree")
+                self.problems.append(f"{entry['consent']}: its deepest applying provision and consent_denies disagree")
         out = list(by_consent.values())
         out += self._silent_consents(conn, pid, set(by_consent))
         return out
 
     def _consent_decides(self, conn: sa.Connection, pk: int, pid: str, consent_pk: int, decides: Any) -> bool:
-        """Whether this one Consent's applying provisions meet `decides` (`_denies`,
-        `_permits_explicitly`): the grouped query of `_consents`, narrowed to that Consent (the
-        patient's verdict is `_consents` itself; `_care` checks the two agree)."""
+        """Whether this one Consent's applying provisions meet `decides` (`consent_denies`,
+        `consent_permits_explicitly`): the grouped query of `consents_deciding`, narrowed to that Consent (the
+        patient's verdict is `consents_deciding` itself; `_care` checks the two agree)."""
         ps, c = policy_subject.alias(), policy_consent.alias()
         query = (sa.select(c.c.resource_pk).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id)
                                                          .join(resource, resource.c.pk == ps.c.resource_pk))
                  .where(ps.c.resource_pk == pk, ps.c.patient_id == pid,
                         c.c.resource_pk == consent_pk, c.c.effect.in_(("permit", "deny")),
-                        _applies(c, ps, resource, self.caller))
+                        provision_applies(c, ps, resource, self.caller))
                  .group_by(ps.c.patient_id, c.c.resource_pk).having(decides(c)))
         return conn.execute(query.limit(1)).first() is not None
 
@@ -422,9 +423,9 @@ class _Explainer:
             hidden = "hidden (REDACTED)" in subject["flags"]
             excluded = hidden or any(o["inForce"] for o in opt_outs)
             entries.append({"patient": pid, "hidden": hidden, "optOuts": opt_outs, "excluded": excluded})
-        reaches = _holds(conn, resource, _deidentified_rows(resource, self.caller.now), resource.c.pk == pk)
+        reaches = _holds(conn, resource, deidentified_rows(resource, self.caller.now), resource.c.pk == pk)
         if reaches == any(e["excluded"] for e in entries):
-            self.problems.append(f"secondary use: the per-patient exclusions differ from _deidentified_rows "
+            self.problems.append(f"secondary use: the per-patient exclusions differ from deidentified_rows "
                                  f"({_yes(reaches)})")
         return {"patients": entries, "reaches": reaches}
 

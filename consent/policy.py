@@ -156,7 +156,7 @@ class RequestPolicy:
         if self._kinds() == {"deidentified"}:
             for rtype in types:
                 check_analyst_search(rtype, params)
-        if self._redacts and "Patient" in types:
+        if self._direct_care_only and "Patient" in types:
             for code, _desc in _sort_keys(params):
                 if code in REDACTED_PATIENT_PARAMS:
                     raise forbidden(f"Sorting Patients by '{code}' is not allowed: restricted patients' {code} is withheld")
@@ -187,7 +187,7 @@ class RequestPolicy:
         for rule in self.rules:
             allowed = _allowed(rule, interaction, candidates)
             if allowed is None or allowed:
-                rows = self._rows(rule, permission, r, exact)
+                rows = self.rows_reached(rule, permission, r, exact)
                 if rows is None and allowed is None:
                     return None
                 if rows is None:
@@ -208,7 +208,9 @@ class RequestPolicy:
             return sa.false()
         return ors[0] if len(ors) == 1 else sa.or_(*ors)
 
-    def _rows(self, rule: RoleRule, permission: str, r: sa.FromClause, exact: bool) -> sa.ColumnElement[bool] | None:
+    def rows_reached(self, rule: RoleRule, permission: str, r: sa.FromClause,
+                     exact: bool) -> sa.ColumnElement[bool] | None:
+        """The rows of `r` that `rule`'s row reach gives for `permission` (None: all)."""
         if rule.rows == "all":
             return None
         if rule.rows == "own":
@@ -222,7 +224,7 @@ class RequestPolicy:
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
         """An extra condition on a row matched by search parameter `code` (direct, chained or in
         `_has`): withheld elements of restricted patients match nothing outside the custodian."""
-        if not (self._redacts and rtype == "Patient" and code in REDACTED_PATIENT_PARAMS):
+        if not (self._direct_care_only and rtype == "Patient" and code in REDACTED_PATIENT_PARAMS):
             return None
         ps = _A.guarded
         return ~_exists(ps, ps.c.resource_pk == r.c.pk, ps.c.flags.op("&")(facts.RESTRICTED) != 0,
@@ -232,11 +234,11 @@ class RequestPolicy:
         """What a read of a row outside reach answers, the same whether or not it exists: for direct
         care, 403 unless the caller has a relationship with the resource's patient (then 404: the
         record is theirs to see, this resource is not); otherwise 404."""
-        if self._kinds() & {"care"} and not self._kinds() & {"all"}:
+        if self._direct_care_only:
             ps = _A.subject
             related = conn.execute(sa.select(resource.c.pk).where(
                 resource.c.type == rtype, resource.c.id == rid,
-                _exists(ps, ps.c.resource_pk == resource.c.pk, _related(ps.c.patient_id, self.caller)))).first()
+                _exists(ps, ps.c.resource_pk == resource.c.pk, is_related(ps.c.patient_id, self.caller)))).first()
             if related is None:
                 return forbidden(f"{rtype}/{rid} is not available to you: there is no such resource, or you have "
                                  "no legitimate relationship with its patient")
@@ -245,7 +247,9 @@ class RequestPolicy:
     # -- what is shown -----------------------------------------------------------------------------
 
     @functools.cached_property
-    def _redacts(self) -> bool:
+    def _direct_care_only(self) -> bool:
+        """Reaching rows only through relationships (no all-rows role): such callers get 403 for a
+        read outside them, and restricted patients redacted."""
         return "care" in self._kinds() and not self._kinds() & {"all"}
 
     def present(self, v: Version) -> Version:
@@ -260,7 +264,7 @@ class RequestPolicy:
             shown = deidentify(jsonfmt.loads(v.content), pseudo)
             return Version(v.type, pseudo.id(v.type, v.id), v.version_id, v.last_updated, v.method,
                            jsonfmt.dumps(shown).decode(), v.seq)
-        if self._redacts and v.type == "Patient" and '"R"' in v.content:
+        if self._direct_care_only and v.type == "Patient" and '"R"' in v.content:
             content = self._redacted_patient(v.content)
             if content is not None:
                 return Version(v.type, v.id, v.version_id, v.last_updated, v.method, content, v.seq)
@@ -356,8 +360,8 @@ def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, call
     """The rows of `r` a row-reach `kind` (but all and own) reaches for `caller` (a Caller, or MARKERS);
     `changes`: for an update or delete, which only the custodian's users may make."""
     if kind == "deidentified":
-        return _deidentified_rows(r, caller.now)
-    cond = _care_rows(r, caller) if exact else _care_rows_strict(r, caller)
+        return deidentified_rows(r, caller.now)
+    cond = care_rows(r, caller) if exact else _care_rows_strict(r, caller)
     if changes:
         ps = _A.written
         cond = sa.and_(cond, ~_exists(ps, ps.c.resource_pk == r.c.pk, sa.func.coalesce(ps.c.custodian, "") != caller.org))
@@ -374,7 +378,7 @@ def _row_shape(kind: str, changes: bool, exact: bool, dialect: sa.Dialect) -> sa
     return sa.text(f"({sql})").bindparams(*(_bind(k) for k in sorted(set(re.findall(r":(pol_\w+)", sql)))))
 
 
-def _related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bool]:
+def is_related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bool]:
     """A legitimate relationship with `patient`, or a break-glass grant for them."""
     rel = _A.relationship
     return sa.or_(_in(patient, caller.break_glass_patients), _exists(
@@ -382,7 +386,7 @@ def _related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bo
         sa.or_(rel.c.until.is_(None), rel.c.until > caller.now)))
 
 
-def _applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
+def provision_applies(c: sa.FromClause, ps: sa.FromClause, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """Whether provision row `c` applies to row `r` (subject row `ps`) for this caller: in force,
     its dataPeriod met (an undated resource is covered by a deny, never by a permit), and every
     condition group with a matching term. Kept shallow: SQLite's parser limits nesting depth."""
@@ -416,29 +420,29 @@ def _deepest(c: sa.FromClause, effect: str, explicit: bool = False) -> sa.Column
     return sa.func.coalesce(sa.func.max(sa.case((which, c.c.depth))), -1)
 
 
-def _consents(ps: sa.FromClause, r: sa.FromClause, caller: Any, decides: Callable[[sa.FromClause], Any],
+def consents_deciding(ps: sa.FromClause, r: sa.FromClause, caller: Any, decides: Callable[[sa.FromClause], Any],
               *where: sa.ColumnElement[bool]) -> sa.Exists:
     """Whether some subject row `ps` of `r` (meeting `where`) has a Consent whose applying
     provisions meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
     c = _A.consent
     return sa.exists(sa.select(sa.literal(1)).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id))
                      .where(ps.c.resource_pk == r.c.pk, *where, c.c.effect.in_(("permit", "deny")),
-                            _applies(c, ps, r, caller))
+                            provision_applies(c, ps, r, caller))
                      .group_by(ps.c.patient_id, c.c.resource_pk).having(decides(c)).correlate_except(ps, c))
 
 
-def _denies(c: sa.FromClause) -> sa.ColumnElement[bool]:
+def consent_denies(c: sa.FromClause) -> sa.ColumnElement[bool]:
     """A Consent denies when its deepest applying provision is a deny (ties: deny)."""
     return sa.and_(_deepest(c, "deny") >= 0, _deepest(c, "deny") >= _deepest(c, "permit"))
 
 
-def _permits_explicitly(c: sa.FromClause) -> sa.ColumnElement[bool]:
+def consent_permits_explicitly(c: sa.FromClause) -> sa.ColumnElement[bool]:
     """A permit naming actors or labels (the patient's own choice) applies, deeper than any applying
     deny of the same Consent: what opens sensitive data to other organisations."""
     return _deepest(c, "permit", explicit=True) > _deepest(c, "deny")
 
 
-def _care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
+def care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """Direct care: a relationship with one of the row's patients, and none of its patients' rules
     withholding it from a user outside its custodian organisation: a REDACTED patient, a Consent
     that denies it, a sensitive label without a Consent that explicitly permits it."""
@@ -450,29 +454,29 @@ def _care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     sensitive = sen.c.flags.op("&")(facts.SENSITIVE) != 0
     withheld = sa.or_(
         _exists(hid, hid.c.resource_pk == r.c.pk, foreign(hid), hid.c.flags.op("&")(facts.HIDDEN) != 0),
-        _consents(den, r, caller, _denies, foreign(den)),
+        consents_deciding(den, r, caller, consent_denies, foreign(den)),
         _exists(sen, sen.c.resource_pk == r.c.pk, foreign(sen), sensitive,
-                ~_consents(exp, r, caller, _permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
+                ~consents_deciding(exp, r, caller, consent_permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
     # CASE: the rules are looked at only for rows of related patients (planners may otherwise run
     # them first, for every candidate row)
-    return sa.case((_exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)), ~withheld),
+    return sa.case((_exists(ps, ps.c.resource_pk == r.c.pk, is_related(ps.c.patient_id, caller)), ~withheld),
                    else_=sa.false())
 
 
 def _care_rows_strict(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
-    """`_care_rows` made stricter and two levels deep, for chains and `_has`: outside the custodian,
+    """`care_rows` made stricter and two levels deep, for chains and `_has`: outside the custodian,
     nothing of a patient with any privacy Consent, and nothing labelled. Never more than the exact
     rule allows, so such a parameter cannot reveal what the caller may not see."""
     ps, other, c = _A.strict_subject, _A.strict_other, _A.strict_consent
     consented = _exists(c, c.c.patient_id == other.c.patient_id, c.c.effect.in_(("permit", "deny")))
     return sa.and_(
-        _exists(ps, ps.c.resource_pk == r.c.pk, _related(ps.c.patient_id, caller)),
+        _exists(ps, ps.c.resource_pk == r.c.pk, is_related(ps.c.patient_id, caller)),
         ~_exists(other, other.c.resource_pk == r.c.pk,
                  sa.func.coalesce(other.c.custodian, "") != caller.org,
                  sa.or_(other.c.flags != 0, consented)))
 
 
-def _deidentified_rows(r: sa.FromClause, now: Any) -> sa.ColumnElement[bool]:
+def deidentified_rows(r: sa.FromClause, now: Any) -> sa.ColumnElement[bool]:
     """Secondary use: nothing of a patient with a secondary-use opt-out in force, or REDACTED."""
     ps, c = _A.analysed, _A.opt_out
     opted_out = _exists(c, c.c.patient_id == ps.c.patient_id, c.c.effect == "secondary-opt-out",

@@ -112,8 +112,9 @@ class FhirRouter:
     # scopes), inside its queries.
 
     @staticmethod
-    def _access(req: FhirRequest, types: frozenset[str]) -> Access | None:
-        return Access(req.principal, types, req.base_url) if req.principal is not None else None
+    def _access(req: FhirRequest) -> Access | None:
+        """The principal's scopes, as its request policy holds them."""
+        return req.policy.access if isinstance(req.policy, RequestPolicy) else None
 
     def _svc(self, req: FhirRequest) -> FhirService:
         """The service as this request's principal may use it."""
@@ -130,7 +131,7 @@ class FhirRouter:
     def _authorize(self, req: FhirRequest, route: Route, parts: list[str]) -> None:
         """403 unless the principal's scopes and roles allow this interaction on its type(s)."""
         kind = route.interaction
-        scopes = self._access(req, self.types)
+        scopes = self._access(req)
         if scopes is None or kind in ("capabilities", "transaction", "batch"):
             return  # a Bundle's entries are checked one by one
         access = _Gate(scopes, req.policy, "search-compartment" if route.level == "compartment" else kind)
@@ -192,7 +193,7 @@ class FhirRouter:
 
     def _export_types(self, req: FhirRequest, level: str) -> list[str]:
         """The types an export without `_type` holds: those the principal may bulk-read."""
-        scopes = self._access(req, self.types)
+        scopes = self._access(req)
         candidates = self.types if level == "system" else frozenset(patient_compartment()) & self.types
         if scopes is None:
             return sorted(candidates)
@@ -376,7 +377,7 @@ class FhirRouter:
     def _system_types(self, req: FhirRequest) -> tuple[str, ...]:
         raw = req.param("_type")
         if not raw:
-            scopes = self._access(req, self.types)
+            scopes = self._access(req)
             if scopes is None:
                 return tuple(sorted(self.types))
             return _Gate(scopes, req.policy, "search-system").permitted_types("s", sorted(self.types))
