@@ -346,8 +346,9 @@ def _nulls_last(expr: sa.ColumnElement[Any], param_type: str, desc: bool) -> sa.
 
 def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement[bool]], count: int,
                cursor: str | None, want_total: bool, r: sa.FromClause = resource, reach: Reach | None = None) -> Page:
-    """Execute: filter, sort, keyset-page, count (same WHERE as the page), then includes (only
-    those within `reach`, the caller's policy, as `extra` holds it for the matches)."""
+    """Execute: filter, sort, keyset-page, count (same WHERE as the page; not again when the first
+    page holds every match), then includes (only those within `reach`, the caller's policy, as
+    `extra` holds it for the matches)."""
     where = [r.c.deleted.is_(False), *search.conditions, *extra]
     where.append(r.c.type == search.types[0] if len(search.types) == 1 else r.c.type.in_(search.types))
     keys: list[tuple[sa.ColumnElement[Any], bool]] = []
@@ -380,7 +381,9 @@ def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement
         if cursor and (more or not backwards):
             prev_cursor = encode_cursor(["before", *rows[0]])
     total = None
-    if want_total:
+    if want_total and not cursor and not more:
+        total = len(rows)  # the first page holds every match: counting would check each again
+    elif want_total:
         total = int(conn.execute(sa.select(sa.func.count()).select_from(r).where(*where)).scalar_one())
     pks = [int(row[-1]) for row in rows]
     included = find_includes(conn, pks, search, reach) if pks and (search.includes or search.revincludes) else []
