@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.compiler import compiles
 
 from consent import facts
 from consent.deidentify import Pseudonymiser, check_analyst_search, deidentify
@@ -55,7 +57,8 @@ REDACTED_PATIENT_PARAMS = frozenset({"address", "address-city", "address-country
 class Caller:
     """What the rows are checked against: the references that stand for the caller (their
     Practitioner, PractitionerRoles, organisation) and the care teams they belong to, their
-    purpose of use, the patients they hold break-glass grants for, and the time of the request."""
+    purpose of use, the patients they hold break-glass grants for, the time of the request, and
+    the patient they are (a patient's own access), if so."""
 
     refs: tuple[str, ...]
     careteams: tuple[str, ...]
@@ -63,6 +66,7 @@ class Caller:
     purpose: str
     break_glass: dict[str, str] = field(default_factory=dict)  # patient id -> grant id
     now: int = 0
+    patient: str = ""
 
     @property
     def actors(self) -> tuple[str, ...]:
@@ -80,13 +84,22 @@ class Caller:
     def binds(self) -> dict[str, Any]:
         """Values for the parameter markers of conditions built with MARKERS."""
         return {"pol_refs": list(self.refs), "pol_actors": list(self.actors), "pol_org": self.org,
-                "pol_purpose": self.purpose, "pol_break_glass": self.break_glass_patients, "pol_now": self.now}
+                "pol_purpose": self.purpose, "pol_break_glass": self.break_glass_patients, "pol_now": self.now,
+                "pol_patient": self.patient}
 
 
 # The values of the caller whose conditions are being run (set by `RequestPolicy.where`, in the
 # thread or task that runs them).
 _BINDS: ContextVar[dict[str, Any]] = ContextVar("carebroker-policy-binds")
-_LISTS = ("pol_refs", "pol_actors", "pol_break_glass")
+
+
+@dataclass(frozen=True)
+class _ListMarker:
+    """A list-valued parameter marker: bound as one value (a JSON array on SQLite, an array on
+    PostgreSQL), so the statement's text is the same whatever the list's length, needs no expansion
+    per execution, and PostgreSQL can keep it prepared."""
+
+    name: str
 
 
 class _Markers:
@@ -95,21 +108,47 @@ class _Markers:
     statement runs. (Building them, and SQLAlchemy's cache key over them, cost more than running
     them: a text fragment's cache key is its text.)"""
 
-    refs, actors, break_glass_patients, org, purpose, now = (
-        sa.literal_column(f":pol_{n}") for n in ("refs", "actors", "break_glass", "org", "purpose", "now"))
+    refs, actors, break_glass_patients = (_ListMarker(f"pol_{n}") for n in ("refs", "actors", "break_glass"))
+    org, purpose, now, patient = (sa.literal_column(f":pol_{n}") for n in ("org", "purpose", "now", "patient"))
 
 
 MARKERS: Any = _Markers()
+_LISTS = frozenset(m.name for m in (MARKERS.refs, MARKERS.actors, MARKERS.break_glass_patients))
+
+
+class _AmongMarker(sa.sql.expression.ColumnElement[bool]):
+    """`column IN` a list-valued parameter marker."""
+
+    type = sa.types.NullType()  # not Boolean: SQLite's compiler would append "= 1"
+    inherit_cache = False  # compiled once, to text (`_role_shape`)
+
+    def __init__(self, column: sa.ColumnElement[Any], marker: _ListMarker) -> None:
+        self.column, self.marker = column, marker
+
+
+@compiles(_AmongMarker)
+def _among_json(element: _AmongMarker, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} IN (SELECT value FROM json_each(:{element.marker.name}))"
+
+
+@compiles(_AmongMarker, "postgresql")
+def _among_array(element: _AmongMarker, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} = ANY(CAST(:{element.marker.name} AS TEXT[]))"
 
 
 def _in(column: sa.ColumnElement[Any], values: Any) -> sa.ColumnElement[bool]:
     """`column IN values`: a list, or a list-valued parameter marker."""
-    return column.op("IN")(values) if isinstance(values, sa.ColumnElement) else column.in_(values)
+    return _AmongMarker(column, values) if isinstance(values, _ListMarker) else column.in_(values)
 
 
-def _bind(key: str) -> sa.BindParameter[Any]:
-    kind = sa.BigInteger() if key == "pol_now" else sa.String()  # an empty list needs its type too
-    return sa.bindparam(key, type_=kind, expanding=key in _LISTS, callable_=lambda: _BINDS.get()[key])
+def _bind(key: str, dialect: sa.Dialect) -> sa.BindParameter[Any]:
+    """The parameter `key` of a condition compiled by `_role_shape`, its value taken from `_BINDS`."""
+    if key not in _LISTS:
+        kind = sa.BigInteger() if key == "pol_now" else sa.String()
+        return sa.bindparam(key, type_=kind, callable_=lambda: _BINDS.get()[key])
+    if dialect.name == "postgresql":
+        return sa.bindparam(key, type_=postgresql.ARRAY(sa.String()), callable_=lambda: _BINDS.get()[key])
+    return sa.bindparam(key, type_=sa.String(), callable_=lambda: json.dumps(_BINDS.get()[key]))
 
 
 class RequestPolicy:
@@ -181,45 +220,16 @@ class RequestPolicy:
 
     def _role_where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause,
                     exact: bool) -> sa.ColumnElement[bool] | None:
-        interaction = {"c": "create", "u": "update", "d": "delete"}.get(permission, "search-type")
-        candidates = list(types) if types is not None else None
-        ors: list[sa.ColumnElement[bool]] = []
-        for rule in self.rules:
-            allowed = _allowed(rule, interaction, candidates)
-            if allowed is None or allowed:
-                rows = self.rows_reached(rule, permission, r, exact)
-                if rows is None and allowed is None:
-                    return None
-                if rows is None:
-                    if candidates is not None and set(allowed or ()) >= set(candidates):
-                        return None
-                    ors.append(r.c.type.in_(sorted(allowed or ())))
-                    continue
-                directory = sorted(t for t in (allowed if allowed is not None else DIRECTORY) if t in DIRECTORY)
-                if directory:
-                    ors.append(r.c.type.in_(directory))
-                if allowed is None:
-                    ors.append(sa.and_(r.c.type.not_in(sorted(DIRECTORY)), rows))
-                else:
-                    record = sorted(t for t in allowed if t not in DIRECTORY)
-                    if record:
-                        ors.append(sa.and_(r.c.type.in_(record) if len(record) > 1 else r.c.type == record[0], rows))
-        if not ors:
-            return sa.false()
-        return ors[0] if len(ors) == 1 else sa.or_(*ors)
+        if r is resource:  # the matches of a search, and included rows: the same shape every time
+            _BINDS.set(self._binds)
+            return _role_shape(tuple(self.rules), permission, None if types is None else tuple(types), exact,
+                               self.dialect)
+        return _role_condition(self.rules, permission, types, r, exact, self.caller)
 
     def rows_reached(self, rule: RoleRule, permission: str, r: sa.FromClause,
                      exact: bool) -> sa.ColumnElement[bool] | None:
-        """The rows of `r` that `rule`'s row reach gives for `permission` (None: all)."""
-        if rule.rows == "all":
-            return None
-        if rule.rows == "own":
-            ps = _A.own
-            return _exists(ps, ps.c.resource_pk == r.c.pk, ps.c.patient_id == (self.principal.patient or ""))
-        if r is resource:  # the matches of a search: the same shape every time
-            _BINDS.set(self.caller.binds())
-            return _row_shape(rule.rows, permission in ("u", "d"), exact, self.dialect)
-        return _row_condition(rule.rows, permission in ("u", "d"), exact, r, self.caller)
+        """The rows of `r` that `rule`'s row reach gives this caller for `permission` (None: all)."""
+        return _rows(rule, permission, r, exact, self.caller)
 
     def guard(self, rtype: str, code: str, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
         """An extra condition on a row matched by search parameter `code` (direct, chained or in
@@ -245,6 +255,10 @@ class RequestPolicy:
         return error(404, "not-found", f"{rtype}/{rid} is not known")
 
     # -- what is shown -----------------------------------------------------------------------------
+
+    @functools.cached_property
+    def _binds(self) -> dict[str, Any]:
+        return self.caller.binds()
 
     @functools.cached_property
     def _direct_care_only(self) -> bool:
@@ -356,6 +370,63 @@ def _exists(own: sa.FromClause, *conditions: sa.ColumnElement[bool]) -> sa.Exist
     return sa.exists(sa.select(sa.literal(1)).select_from(own).where(*conditions).correlate_except(own))
 
 
+def _role_condition(rules: Sequence[RoleRule], permission: str, types: Sequence[str] | None, r: sa.FromClause,
+                    exact: bool, caller: Any) -> sa.ColumnElement[bool] | None:
+    """The rows of `r` of `types` (None: any) that `rules` reach for `caller` (a Caller, or
+    MARKERS) with `permission`; None: all of them."""
+    interaction = {"c": "create", "u": "update", "d": "delete"}.get(permission, "search-type")
+    candidates = list(types) if types is not None else None
+    ors: list[sa.ColumnElement[bool]] = []
+    for rule in rules:
+        allowed = _allowed(rule, interaction, candidates)
+        if allowed is None or allowed:
+            rows = _rows(rule, permission, r, exact, caller)
+            if rows is None and allowed is None:
+                return None
+            if rows is None:
+                if candidates is not None and set(allowed or ()) >= set(candidates):
+                    return None
+                ors.append(r.c.type.in_(sorted(allowed or ())))
+                continue
+            directory = sorted(t for t in (allowed if allowed is not None else DIRECTORY) if t in DIRECTORY)
+            if directory:
+                ors.append(r.c.type.in_(directory))
+            if allowed is None:
+                ors.append(sa.and_(r.c.type.not_in(sorted(DIRECTORY)), rows))
+            else:
+                record = sorted(t for t in allowed if t not in DIRECTORY)
+                if record:
+                    ors.append(sa.and_(r.c.type.in_(record) if len(record) > 1 else r.c.type == record[0], rows))
+    if not ors:
+        return sa.false()
+    return ors[0] if len(ors) == 1 else sa.or_(*ors)
+
+
+@functools.lru_cache(maxsize=4096)
+def _role_shape(rules: tuple[RoleRule, ...], permission: str, types: tuple[str, ...] | None, exact: bool,
+                dialect: sa.Dialect) -> sa.TextClause | None:
+    """`_role_condition` on the `resource` table as SQL text for `dialect`, its values bound from
+    `_BINDS` when it runs."""
+    cond = _role_condition(rules, permission, types, resource, exact, MARKERS)
+    if cond is None:
+        return None
+    # compiled as the WHERE of a query of `resource`, so its subqueries correlate with that table
+    query = sa.select(sa.literal(1)).select_from(resource).where(cond)
+    sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).split("\nWHERE ", 1)[1]
+    keys = sorted(set(re.findall(r":(pol_\w+)", sql)))
+    return sa.text(f"({sql})").bindparams(*(_bind(k, dialect) for k in keys))
+
+
+def _rows(rule: RoleRule, permission: str, r: sa.FromClause, exact: bool, caller: Any) -> sa.ColumnElement[bool] | None:
+    """The rows of `r` that `rule`'s row reach gives `caller` for `permission` (None: all)."""
+    if rule.rows == "all":
+        return None
+    if rule.rows == "own":
+        ps = _A.own
+        return _exists(ps, ps.c.resource_pk == r.c.pk, ps.c.patient_id == caller.patient)
+    return _row_condition(rule.rows, permission in ("u", "d"), exact, r, caller)
+
+
 def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """The rows of `r` a row-reach `kind` (but all and own) reaches for `caller` (a Caller, or MARKERS);
     `changes`: for an update or delete, which only the custodian's users may make."""
@@ -366,16 +437,6 @@ def _row_condition(kind: str, changes: bool, exact: bool, r: sa.FromClause, call
         ps = _A.written
         cond = sa.and_(cond, ~_exists(ps, ps.c.resource_pk == r.c.pk, sa.func.coalesce(ps.c.custodian, "") != caller.org))
     return cond
-
-
-@functools.cache
-def _row_shape(kind: str, changes: bool, exact: bool, dialect: sa.Dialect) -> sa.TextClause:
-    """`_row_condition` on the `resource` table as SQL text for `dialect`, its values bound from
-    `_BINDS` when it runs."""
-    # compiled as the WHERE of a query of `resource`, so its subqueries correlate with that table
-    query = sa.select(sa.literal(1)).select_from(resource).where(_row_condition(kind, changes, exact, resource, MARKERS))
-    sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).split("\nWHERE ", 1)[1]
-    return sa.text(f"({sql})").bindparams(*(_bind(k) for k in sorted(set(re.findall(r":(pol_\w+)", sql)))))
 
 
 def is_related(patient: sa.ColumnElement[str], caller: Any) -> sa.ColumnElement[bool]:
@@ -523,7 +584,8 @@ class PolicyDecisionPoint:
         a grant for `patient`, the one patient the request is about."""
         access = Access(principal, self.types, base_url)
         refs, careteams = self._caller_refs(principal)
-        caller = Caller(refs, careteams, principal.organization, principal.purpose_of_use, now=now_us())
+        caller = Caller(refs, careteams, principal.organization, principal.purpose_of_use, now=now_us(),
+                        patient=principal.patient or "")
         requester = f"{principal.issuer}|{principal.subject or principal.client_id}"
         if break_glass_reason is not None:
             if "clinician" not in principal.roles:

@@ -70,8 +70,12 @@ class Access:
         (`system/*.*`, `user/*.rs`, ...): then no row conditions are needed anywhere (an interaction
         the scopes do not grant is refused before it reaches a row)."""
         granted = {p for s in self.principal.scopes for p in s.permissions}
-        return all(any(s.resource_type == "*" and s.context != "patient" and not s.query and p in s.permissions
-                       for s in self.principal.scopes) for p in granted)
+        return all(self._every_row(p) for p in granted)
+
+    def _every_row(self, permission: str) -> bool:
+        """Whether a scope grants `permission` on every row of every type (`user/*.rs`, ...)."""
+        return any(s.resource_type == "*" and s.context != "patient" and not s.query and permission in s.permissions
+                   for s in self.principal.scopes)
 
     # -- interaction level --------------------------------------------------------------------------
 
@@ -128,6 +132,8 @@ class Access:
     def where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause) -> sa.ColumnElement[bool] | None:
         """The condition on `r` (a resource table alias) for the rows of `types` (None: any type)
         `permission` reaches; None when it reaches every row of them."""
+        if self._every_row(permission):
+            return None
         candidates = sorted(self.types) if types is None else list(types)
         whole: list[str] = []
         compartments: dict[str, list[str]] = {}  # patient -> types granted by compartment
