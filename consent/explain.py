@@ -277,11 +277,11 @@ class _Explainer:
             ps = policy_subject.alias()
             related = _holds(conn, ps, is_related(ps.c.patient_id, caller), ps.c.resource_pk == pk,
                              ps.c.patient_id == pid)
-            den, exp = policy_subject.alias(), policy_subject.alias()
-            denies = _holds(conn, resource, consents_deciding(den, resource, caller, consent_denies,
-                                                              den.c.patient_id == pid), resource.c.pk == pk)
-            permits = _holds(conn, resource, consents_deciding(exp, resource, caller, consent_permits_explicitly,
-                                                               exp.c.patient_id == pid), resource.c.pk == pk)
+            row = ps.join(resource, resource.c.pk == ps.c.resource_pk)
+            denies = _holds(conn, row, consents_deciding(ps, resource, caller, consent_denies),
+                            ps.c.resource_pk == pk, ps.c.patient_id == pid)
+            permits = _holds(conn, row, consents_deciding(ps, resource, caller, consent_permits_explicitly),
+                             ps.c.resource_pk == pk, ps.c.patient_id == pid)
             hidden = foreign and "hidden (REDACTED)" in flags
             sensitive = "sensitive" in flags
             entry = {

@@ -354,10 +354,9 @@ class _A:
     condition occurs twice in a statement the occurrences are siblings, never nested in each other,
     so their subqueries' names do not collide."""
 
-    subject, hidden, denied, sensitive, permitted, own, written, guarded, strict_subject, strict_other, analysed = (
+    subject, withheld, own, written, guarded, strict_subject, strict_other, analysed = (
         policy_subject.alias(f"pol_{name}") for name in (
-            "subject", "hidden", "denied", "sensitive", "permitted", "own", "written", "guarded", "strict_subject",
-            "strict_other", "analysed"))
+            "subject", "withheld", "own", "written", "guarded", "strict_subject", "strict_other", "analysed"))
     relationship = policy_relationship.alias("pol_relationship")
     consent, strict_consent, opt_out = (policy_consent.alias(f"pol_{n}") for n in ("consent", "strict_consent", "opt_out"))
     term = policy_consent_term.alias("pol_term")
@@ -481,15 +480,15 @@ def _deepest(c: sa.FromClause, effect: str, explicit: bool = False) -> sa.Column
     return sa.func.coalesce(sa.func.max(sa.case((which, c.c.depth))), -1)
 
 
-def consents_deciding(ps: sa.FromClause, r: sa.FromClause, caller: Any, decides: Callable[[sa.FromClause], Any],
-              *where: sa.ColumnElement[bool]) -> sa.Exists:
-    """Whether some subject row `ps` of `r` (meeting `where`) has a Consent whose applying
-    provisions meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
+def consents_deciding(ps: sa.FromClause, r: sa.FromClause, caller: Any,
+                      decides: Callable[[sa.FromClause], Any]) -> sa.Exists:
+    """Whether the patient of subject row `ps` (of row `r`) has a Consent whose provisions that
+    apply to `r` meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
     c = _A.consent
-    return sa.exists(sa.select(sa.literal(1)).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id))
-                     .where(ps.c.resource_pk == r.c.pk, *where, c.c.effect.in_(("permit", "deny")),
+    return sa.exists(sa.select(sa.literal(1)).select_from(c)
+                     .where(c.c.patient_id == ps.c.patient_id, c.c.effect.in_(("permit", "deny")),
                             provision_applies(c, ps, r, caller))
-                     .group_by(ps.c.patient_id, c.c.resource_pk).having(decides(c)).correlate_except(ps, c))
+                     .group_by(c.c.resource_pk).having(decides(c)).correlate_except(c))
 
 
 def consent_denies(c: sa.FromClause) -> sa.ColumnElement[bool]:
@@ -507,17 +506,12 @@ def care_rows(r: sa.FromClause, caller: Any) -> sa.ColumnElement[bool]:
     """Direct care: a relationship with one of the row's patients, and none of its patients' rules
     withholding it from a user outside its custodian organisation: a REDACTED patient, a Consent
     that denies it, a sensitive label without a Consent that explicitly permits it."""
-    ps, hid, den, sen, exp = _A.subject, _A.hidden, _A.denied, _A.sensitive, _A.permitted
-
-    def foreign(s: sa.FromClause) -> sa.ColumnElement[bool]:
-        return sa.func.coalesce(s.c.custodian, "") != caller.org
-
-    sensitive = sen.c.flags.op("&")(facts.SENSITIVE) != 0
-    withheld = sa.or_(
-        _exists(hid, hid.c.resource_pk == r.c.pk, foreign(hid), hid.c.flags.op("&")(facts.HIDDEN) != 0),
-        consents_deciding(den, r, caller, consent_denies, foreign(den)),
-        _exists(sen, sen.c.resource_pk == r.c.pk, foreign(sen), sensitive,
-                ~consents_deciding(exp, r, caller, consent_permits_explicitly, exp.c.patient_id == sen.c.patient_id)))
+    ps, w = _A.subject, _A.withheld
+    withheld = _exists(w, w.c.resource_pk == r.c.pk, sa.func.coalesce(w.c.custodian, "") != caller.org, sa.or_(
+        w.c.flags.op("&")(facts.HIDDEN) != 0,
+        consents_deciding(w, r, caller, consent_denies),
+        sa.and_(w.c.flags.op("&")(facts.SENSITIVE) != 0,
+                ~consents_deciding(w, r, caller, consent_permits_explicitly))))
     # CASE: the rules are looked at only for rows of related patients (planners may otherwise run
     # them first, for every candidate row)
     return sa.case((_exists(ps, ps.c.resource_pk == r.c.pk, is_related(ps.c.patient_id, caller)), ~withheld),
