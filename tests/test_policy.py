@@ -206,6 +206,26 @@ def test_legitimate_relationship_decides_reads_and_searches(w: World) -> None:
     assert ids(search(drB, "Patient", _count="100")) == {"p1", "p3", "p5", "p6"}
 
 
+def test_pages_and_totals_under_the_policy(w: World) -> None:
+    """Page and total come from one statement under a policy: every page gives the full total, and
+    the pages together are exactly the visible matches, forwards and backwards."""
+    drB = w.as_("drB")
+    visible = {"p1", "p3", "p5", "p6"}
+    pages, bundle = [], search(drB, "Patient", _count="3")
+    while True:
+        assert bundle["total"] == len(visible)
+        pages.append([e["resource"]["id"] for e in bundle.get("entry", [])])
+        nxt = next((link["url"] for link in bundle["link"] if link["relation"] == "next"), None)
+        if nxt is None:
+            break
+        bundle = drB.get(nxt).json()
+    assert [len(p) for p in pages] == [3, 1] and set(pages[0] + pages[1]) == visible
+    previous = next(link["url"] for link in bundle["link"] if link["relation"] == "previous")
+    back = drB.get(previous).json()
+    assert back["total"] == len(visible) and [e["resource"]["id"] for e in back["entry"]] == pages[0]
+    assert search(drB, "Patient", _count="3", _total="none").get("total") is None
+
+
 def test_opt_out_keeps_each_organisation_to_its_own_data_in_every_path(w: World) -> None:
     drA, drB, admin = w.as_("drA"), w.as_("drB"), w.as_("admin")
     assert status(drA, "Observation/o2a") == 200 and status(drA, "Observation/o2b") == 404

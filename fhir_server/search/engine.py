@@ -345,10 +345,15 @@ def _nulls_last(expr: sa.ColumnElement[Any], param_type: str, desc: bool) -> sa.
 
 
 def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement[bool]], count: int,
-               cursor: str | None, want_total: bool, r: sa.FromClause = resource, reach: Reach | None = None) -> Page:
+               cursor: str | None, want_total: bool, r: sa.FromClause = resource, reach: Reach | None = None,
+               one_pass: bool = False) -> Page:
     """Execute: filter, sort, keyset-page, count (same WHERE as the page; not again when the first
     page holds every match), then includes (only those within `reach`, the caller's policy, as
-    `extra` holds it for the matches)."""
+    `extra` holds it for the matches). `one_pass`: `extra` is costly to check row by row (a
+    caller's policy), so the total comes with the page, from one pass over the candidates: a page
+    that few candidates pass seldom stops early, and a count would check each candidate again.
+    (Without one, a page stops at its limit and a count needs no rows, which is cheaper for large
+    results.)"""
     where = [r.c.deleted.is_(False), *search.conditions, *extra]
     where.append(r.c.type == search.types[0] if len(search.types) == 1 else r.c.type.in_(search.types))
     keys: list[tuple[sa.ColumnElement[Any], bool]] = []
@@ -358,18 +363,22 @@ def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement
         expr = make_unit(param, search.types[0], None, code).sort_key(r, desc)
         keys.append((_nulls_last(expr, kind, desc), desc))
     keys.append((r.c.pk, False))
-    inner = sa.select(*(k.label(f"k{i}") for i, (k, _) in enumerate(keys))).where(*where).subquery()
+    windowed = want_total and one_pass
+    total_col = [sa.func.count().over().label("total")] if windowed else []
+    inner = sa.select(*(k.label(f"k{i}") for i, (k, _) in enumerate(keys)), *total_col).where(*where).subquery()
     cols = [inner.c[f"k{i}"] for i in range(len(keys))]
     directions = [d for _, d in keys]
 
-    q = sa.select(*cols)
+    q = sa.select(*cols, *([inner.c.total] if windowed else []))
     backwards = False
     if cursor:
         decoded = decode_cursor(cursor)
         backwards = decoded[0] == "before"
         q = q.where(_seek(cols, directions, decoded[1:], backwards))
     order = [(c.desc() if d != backwards else c.asc()) for c, d in zip(cols, directions)]
-    rows = [tuple(row) for row in conn.execute(q.order_by(*order).limit(count + 1)).all()]
+    fetched = conn.execute(q.order_by(*order).limit(count + 1)).all()
+    windowed_total = int(fetched[0][-1]) if windowed and fetched else None
+    rows = [tuple(row)[:len(keys)] for row in fetched]
     more = len(rows) > count
     rows = rows[:count]
     if backwards:
@@ -383,6 +392,8 @@ def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement
     total = None
     if want_total and not cursor and not more:
         total = len(rows)  # the first page holds every match: counting would check each again
+    elif windowed_total is not None:
+        total = windowed_total
     elif want_total:
         total = int(conn.execute(sa.select(sa.func.count()).select_from(r).where(*where)).scalar_one())
     pks = [int(row[-1]) for row in rows]

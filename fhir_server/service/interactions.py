@@ -194,7 +194,8 @@ class FhirService:
             extra.append(cond)
         try:
             with self.store.reading() as conn:
-                page = run_search(conn, search, extra, count, cursor, want_total, reach=reach)
+                page = run_search(conn, search, extra, count, cursor, want_total, reach=reach,
+                                  one_pass=cond is not None)
                 matches = self.store.current_by_pks(conn, page.pks)
                 included = self.store.current_by_pks(conn, page.included)
         except OperationalError as exc:
@@ -219,7 +220,8 @@ class FhirService:
             for pid in patients or ():
                 self._check_readable(conn, "Patient", pid)
                 _live(self.store.head(conn, "Patient", pid), "Patient", pid)
-            page = run_search(conn, everything_search(patients, types, since), extra, count, cursor, want_total=True)
+            page = run_search(conn, everything_search(patients, types, since), extra, count, cursor, want_total=True,
+                              one_pass=bool(extra))
             found = self._shown(self.store.current_by_pks(conn, page.pks))
         compartment_types = patient_compartment()
         return (page, [v for v in found if v.type in compartment_types],
