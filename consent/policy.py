@@ -27,6 +27,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.elements import _anonymous_label
 
 from consent import facts
 from consent.deidentify import Pseudonymiser, check_analyst_search, deidentify
@@ -220,10 +221,11 @@ class RequestPolicy:
 
     def _role_where(self, permission: str, types: Sequence[str] | None, r: sa.FromClause,
                     exact: bool) -> sa.ColumnElement[bool] | None:
-        if r is resource:  # the matches of a search, and included rows: the same shape every time
+        name = _shape_name(r)
+        if name is not None:  # the same shape every time: compiled once
             _BINDS.set(self._binds)
             return _role_shape(tuple(self.rules), permission, None if types is None else tuple(types), exact,
-                               self.dialect)
+                               self.dialect, name)
         return _role_condition(self.rules, permission, types, r, exact, self.caller)
 
     def rows_reached(self, rule: RoleRule, permission: str, r: sa.FromClause,
@@ -401,16 +403,32 @@ def _role_condition(rules: Sequence[RoleRule], permission: str, types: Sequence[
     return ors[0] if len(ors) == 1 else sa.or_(*ors)
 
 
+def _shape_name(r: sa.FromClause) -> str | None:
+    """'' for the resource table (a search's matches, included rows), the name of a named alias of
+    it (the engine names the rows of chains and `_has` by their depth); None for anything else."""
+    if r is resource:
+        return ""
+    if isinstance(r, sa.Alias) and r.element is resource and not isinstance(r.name, _anonymous_label):
+        return str(r.name)
+    return None
+
+
+@functools.cache
+def _named_row(name: str) -> sa.FromClause:
+    return resource.alias(name) if name else resource
+
+
 @functools.lru_cache(maxsize=4096)
 def _role_shape(rules: tuple[RoleRule, ...], permission: str, types: tuple[str, ...] | None, exact: bool,
-                dialect: sa.Dialect) -> sa.TextClause | None:
-    """`_role_condition` on the `resource` table as SQL text for `dialect`, its values bound from
-    `_BINDS` when it runs."""
-    cond = _role_condition(rules, permission, types, resource, exact, MARKERS)
+                dialect: sa.Dialect, name: str) -> sa.TextClause | None:
+    """`_role_condition` on the resource table (or its alias `name`) as SQL text for `dialect`, its
+    values bound from `_BINDS` when it runs."""
+    row = _named_row(name)
+    cond = _role_condition(rules, permission, types, row, exact, MARKERS)
     if cond is None:
         return None
-    # compiled as the WHERE of a query of `resource`, so its subqueries correlate with that table
-    query = sa.select(sa.literal(1)).select_from(resource).where(cond)
+    # compiled as the WHERE of a query of the row, so its subqueries correlate with it
+    query = sa.select(sa.literal(1)).select_from(row).where(cond)
     sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).split("\nWHERE ", 1)[1]
     keys = sorted(set(re.findall(r":(pol_\w+)", sql)))
     return sa.text(f"({sql})").bindparams(*(_bind(k, dialect) for k in keys))

@@ -187,7 +187,7 @@ def _chain(rtype: str, param: SearchParameter, type_modifier: str | None, rest: 
     sr = search_reference.alias()
     ors = []
     for target in targets:
-        inner_r = resource.alias()
+        inner_r = resource.alias(f"chain{depth}")  # named by depth: the policy's condition on it is compiled once
         inner = condition((target,), rest, raw, inner_r, base_url, False, depth + 1, reach, guard)
         if inner is None:
             continue
@@ -213,7 +213,7 @@ def _has(rtype: str, name: str, raw: str, r: sa.FromClause, base_url: str, stric
     ref = for_type(source).get(ref_code) if source[:1].isupper() else None
     if ref is None or ref.type != "reference":
         raise error(400, "invalid", f"'{name}': {source} has no reference parameter '{ref_code}'")
-    src = resource.alias()
+    src = resource.alias(f"has{depth}")  # named by depth: the policy's condition on it is compiled once
     inner = condition((source,), rest, raw, src, base_url, True, depth + 1, reach, guard)
     sr = search_reference.alias()
     referrers = sa.select(src.c.pk).where(src.c.type == source, src.c.deleted.is_(False), inner)
