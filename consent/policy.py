@@ -149,7 +149,7 @@ def _bind(key: str, dialect: sa.Dialect) -> sa.BindParameter[Any]:
         return sa.bindparam(key, type_=kind, callable_=lambda: _BINDS.get()[key])
     if dialect.name == "postgresql":
         return sa.bindparam(key, type_=postgresql.ARRAY(sa.String()), callable_=lambda: _BINDS.get()[key])
-    return sa.bindparam(key, type_=sa.String(), callable_=lambda: json.dumps(_BINDS.get()[key]))
+    return sa.bindparam(key, type_=sa.String(), callable_=lambda: _BINDS.get()[f"{key}.json"])
 
 
 class RequestPolicy:
@@ -260,7 +260,9 @@ class RequestPolicy:
 
     @functools.cached_property
     def _binds(self) -> dict[str, Any]:
-        return self.caller.binds()
+        """The caller's values for the conditions' parameters; lists also as JSON (SQLite binds them so)."""
+        values = self.caller.binds()
+        return values | {f"{k}.json": json.dumps(values[k]) for k in _LISTS}
 
     @functools.cached_property
     def _direct_care_only(self) -> bool:

@@ -344,6 +344,9 @@ def _nulls_last(expr: sa.ColumnElement[Any], param_type: str, desc: bool) -> sa.
     return sa.func.coalesce(expr, _TEXT_FIRST if desc else _TEXT_LAST)
 
 
+_WINDOW_TOTAL = sa.func.count().over().label("total")
+
+
 def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement[bool]], count: int,
                cursor: str | None, want_total: bool, r: sa.FromClause = resource, reach: Reach | None = None,
                one_pass: bool = False) -> Page:
@@ -364,7 +367,7 @@ def run_search(conn: sa.Connection, search: Search, extra: list[sa.ColumnElement
         keys.append((_nulls_last(expr, kind, desc), desc))
     keys.append((r.c.pk, False))
     windowed = want_total and one_pass
-    total_col = [sa.func.count().over().label("total")] if windowed else []
+    total_col = [_WINDOW_TOTAL] if windowed else []
     inner = sa.select(*(k.label(f"k{i}") for i, (k, _) in enumerate(keys)), *total_col).where(*where).subquery()
     cols = [inner.c[f"k{i}"] for i in range(len(keys))]
     directions = [d for _, d in keys]
