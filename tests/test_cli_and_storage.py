@@ -77,3 +77,18 @@ def test_sqlite_connections_keep_a_large_page_cache(tmp_path, monkeypatch) -> No
     assert cache_kib() == 64 * 1024
     monkeypatch.setenv("CAREBROKER_SQLITE_CACHE_MB", "8")
     assert cache_kib() == 8 * 1024
+
+
+def test_postgresql_plans_policy_statements_once_per_transaction(backends) -> None:  # type: ignore[no-untyped-def]
+    """reuse_plans: generic plans for the rest of one read transaction only."""
+    engine = create_engine(backends.fresh_url("postgresql"))
+    store = Store(engine)
+    try:
+        with store.reading() as conn:
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
+            store.reuse_plans(conn)
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
+        with store.reading() as conn:
+            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
+    finally:
+        engine.dispose()

@@ -110,6 +110,14 @@ class Store:
             with conn.begin():
                 yield conn
 
+    def reuse_plans(self, conn: sa.Connection) -> None:
+        """For the rest of `conn`'s transaction, PostgreSQL plans each prepared statement once (a
+        generic plan) instead of at every execution: for statements that take longer to plan than to
+        run, as an access policy's conditions do (about 5 ms to plan, against 0.3 ms without them,
+        at 100k patients). SQLite keeps its prepared statements anyway."""
+        if self.is_postgres:
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+
     @_joins_atomic
     def single_read(self) -> Iterator[sa.Connection]:
         """For one SELECT: no BEGIN/COMMIT round trips (a single statement is consistent on its own)."""
