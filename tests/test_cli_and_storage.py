@@ -92,3 +92,12 @@ def test_postgresql_plans_policy_statements_once_per_transaction(backends) -> No
             assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
     finally:
         engine.dispose()
+
+
+def test_postgresql_connections_do_not_jit(backends) -> None:  # type: ignore[no-untyped-def]
+    engine = create_engine(backends.fresh_url("postgresql"))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW jit").scalar_one() == "off"
+    finally:
+        engine.dispose()
