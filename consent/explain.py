@@ -384,16 +384,12 @@ class _Explainer:
 
     def _consent_decides(self, conn: sa.Connection, pk: int, pid: str, consent_pk: int, decides: Any) -> bool:
         """Whether this one Consent's applying provisions meet `decides` (`consent_denies`,
-        `consent_permits_explicitly`): the grouped query of `consents_deciding`, narrowed to that Consent (the
-        patient's verdict is `consents_deciding` itself; `_care` checks the two agree)."""
-        ps, c = policy_subject.alias(), policy_consent.alias()
-        query = (sa.select(c.c.resource_pk).select_from(ps.join(c, c.c.patient_id == ps.c.patient_id)
-                                                         .join(resource, resource.c.pk == ps.c.resource_pk))
-                 .where(ps.c.resource_pk == pk, ps.c.patient_id == pid,
-                        c.c.resource_pk == consent_pk, c.c.effect.in_(("permit", "deny")),
-                        provision_applies(c, ps, resource, self.caller))
-                 .group_by(ps.c.patient_id, c.c.resource_pk).having(decides(c)))
-        return conn.execute(query.limit(1)).first() is not None
+        `consent_permits_explicitly`): `consents_deciding` narrowed to that Consent (the patient's
+        verdict is `consents_deciding` itself; `_care` checks the two agree)."""
+        ps = policy_subject.alias()
+        return _holds(conn, ps.join(resource, resource.c.pk == ps.c.resource_pk),
+                      consents_deciding(ps, resource, self.caller, decides, consent_pk),
+                      ps.c.resource_pk == pk, ps.c.patient_id == pid)
 
     def _silent_consents(self, conn: sa.Connection, pid: str, known: set[int]) -> list[dict[str, Any]]:
         """The patient's Consents that state no policy rows (not active, not about privacy, never in force)."""

@@ -501,12 +501,14 @@ def _deepest(c: sa.FromClause, effect: str, explicit: bool = False) -> sa.Column
 
 
 def consents_deciding(ps: sa.FromClause, r: sa.FromClause, caller: Any,
-                      decides: Callable[[sa.FromClause], Any]) -> sa.Exists:
+                      decides: Callable[[sa.FromClause], Any], consent: int | None = None) -> sa.Exists:
     """Whether the patient of subject row `ps` (of row `r`) has a Consent whose provisions that
-    apply to `r` meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting)."""
+    apply to `r` meet `decides`; one grouped query, kept flat (SQLite's parser limits nesting).
+    `consent`: only that Consent (its pk), as `policy explain` asks them one by one."""
     c = _A.consent
+    one = [c.c.resource_pk == consent] if consent is not None else []
     return sa.exists(sa.select(sa.literal(1)).select_from(c)
-                     .where(c.c.patient_id == ps.c.patient_id, c.c.effect.in_(("permit", "deny")),
+                     .where(c.c.patient_id == ps.c.patient_id, *one, c.c.effect.in_(("permit", "deny")),
                             provision_applies(c, ps, r, caller))
                      .group_by(c.c.resource_pk).having(decides(c)).correlate_except(c))
 
