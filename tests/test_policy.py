@@ -12,8 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from conftest import BACKENDS, TEST_ISSUER, Backends
+from consent.policy import _list_string
 
 CUSTODIAN = "https://carebroker.example/CodeSystem/custodian"
 CONF = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
@@ -457,3 +459,15 @@ def test_administrators_are_audited(w: World) -> None:
     assert [r["url"] for r in records] == ["Observation?patient=p2", "Observation/o2b"]
     assert set(records[0]["resources"]) == {"Observation/o2a", "Observation/o2b"}
     assert records[1]["status"] == 200 and records[1]["roles"] == "admin"
+
+
+def test_list_values_are_bound_as_one_string_each_database_reads_back(engine: Any) -> None:
+    """The caller's lists (references, care teams, break-glass patients) are bound as one string in
+    each database's own form; whatever they hold must come back as the same values."""
+    odd = ["Practitioner/a", 'quo"te', "back\\slash", "comma,brace}{", " spaced ", "NULL", "", "Zoë/ünï"]
+    sql = ("SELECT unnest(CAST(:v AS TEXT[]))" if engine.dialect.name == "postgresql"
+           else "SELECT value FROM json_each(:v)")
+    for values in (odd, [], ["CareTeam/one"]):
+        with engine.connect() as conn:
+            got = conn.execute(sa.text(sql), {"v": _list_string(values, engine.dialect.name)}).scalars().all()
+        assert got == values
