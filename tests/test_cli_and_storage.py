@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
@@ -79,17 +80,32 @@ def test_sqlite_connections_keep_a_large_page_cache(tmp_path, monkeypatch) -> No
     assert cache_kib() == 8 * 1024
 
 
-def test_postgresql_plans_policy_statements_once_per_transaction(backends) -> None:  # type: ignore[no-untyped-def]
-    """reuse_plans: generic plans for the rest of one read transaction only."""
-    engine = create_engine(backends.fresh_url("postgresql"))
+def test_postgresql_plans_policy_statements_once(backends) -> None:  # type: ignore[no-untyped-def]
+    """reading(generic_plans=True): generic plans on that connection while it serves such reads;
+    every other use of it (plain reads, single reads, writes) gets the default back, whatever
+    happened to the transaction before."""
+    engine = create_engine(backends.fresh_url("postgresql"))  # used by one thread: one pooled connection
     store = Store(engine)
+
+    def mode(conn: sa.Connection) -> str:
+        return conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one()
+
     try:
         with store.reading() as conn:
-            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
-            store.reuse_plans(conn)
-            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "force_generic_plan"
-        with store.reading() as conn:
-            assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar_one() == "auto"
+            assert mode(conn) == "auto"
+        with store.reading(generic_plans=True) as conn:
+            assert mode(conn) == "force_generic_plan"
+        with pytest.raises(sa.exc.DataError), store.reading(generic_plans=True) as conn:
+            conn.exec_driver_sql("SELECT 1 / 0")  # rolled back: the session's setting stays
+        with store.reading(generic_plans=True) as conn:
+            assert mode(conn) == "force_generic_plan"
+        for opener in (store.single_read, store.writing, store.reading):
+            with opener() as conn:
+                assert mode(conn) == "auto", opener
+            with store.reading(generic_plans=True) as conn:
+                assert mode(conn) == "force_generic_plan"
+        with store.atomic(), store.reading(generic_plans=True) as conn:
+            assert mode(conn) == "auto"  # a transaction Bundle's reads join its write transaction
     finally:
         engine.dispose()
 

@@ -193,9 +193,7 @@ class FhirService:
         if (cond := self._where("s", types)) is not None:
             extra.append(cond)
         try:
-            with self.store.reading() as conn:
-                if cond is not None:
-                    self.store.reuse_plans(conn)
+            with self.store.reading(generic_plans=cond is not None) as conn:
                 page = run_search(conn, search, extra, count, cursor, want_total, reach=reach,
                                   one_pass=cond is not None)
                 matches = self.store.current_by_pks(conn, page.pks)
@@ -218,9 +216,7 @@ class FhirService:
                 patients = [pinned]
             if (cond := self._where("s", types)) is not None:
                 extra.append(cond)
-        with self.store.reading() as conn:
-            if extra:
-                self.store.reuse_plans(conn)
+        with self.store.reading(generic_plans=bool(extra)) as conn:
             for pid in patients or ():
                 self._check_readable(conn, "Patient", pid)
                 _live(self.store.head(conn, "Patient", pid), "Patient", pid)

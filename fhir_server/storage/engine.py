@@ -21,6 +21,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE = "carebroker_write"  # execution option marking a connection that will write
 NO_TRANSACTION = "carebroker_no_transaction"  # SQLite: one statement, no BEGIN/COMMIT
 SQLITE_CACHE_ENV = "CAREBROKER_SQLITE_CACHE_MB"
+GENERIC_PLANS = "carebroker_generic_plans"  # a pooled PostgreSQL connection's info: its plan_cache_mode
 
 
 def create_engine(url: str, **kwargs: object) -> sa.Engine:
@@ -44,6 +45,25 @@ def _configure_postgresql(engine: sa.Engine) -> None:
         # in 7 ms took 110 ms (bench/README.md).
         dbapi_conn.execute("SET jit = off")
         dbapi_conn.commit()
+
+
+def use_generic_plans(conn: sa.Connection, generic: bool) -> None:
+    """PostgreSQL: whether `conn`'s session plans prepared statements once (generic plans) or
+    for each execution's values (the default). Set for the session, outside any transaction (no
+    rollback undoes it), and only when it changes: a `SET LOCAL` in every transaction cost a round
+    trip, about 10% of a short search's time under load (bench/README.md)."""
+    record = conn.connection
+    if record.info.get(GENERIC_PLANS, False) == generic:
+        return
+    dbapi_conn = record.dbapi_connection
+    assert dbapi_conn is not None
+    before = dbapi_conn.autocommit
+    dbapi_conn.autocommit = True
+    try:
+        dbapi_conn.execute(f"SET plan_cache_mode = {'force_generic_plan' if generic else 'auto'}")
+    finally:
+        dbapi_conn.autocommit = before
+    record.info[GENERIC_PLANS] = generic  # forgotten with the connection if the pool replaces it
 
 
 def _configure_sqlite(engine: sa.Engine) -> None:
