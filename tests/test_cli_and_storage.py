@@ -110,6 +110,23 @@ def test_postgresql_plans_policy_statements_once(backends) -> None:  # type: ign
         engine.dispose()
 
 
+def test_postgresql_long_statements_are_converted_once(backends) -> None:  # type: ignore[no-untyped-def]
+    """psycopg rewrites the placeholders of a statement over 4 KB at every execution unless told
+    otherwise; a search under an access policy is longer than that."""
+    from psycopg import _queries
+
+    engine = create_engine(backends.fresh_url("postgresql"))
+    long_sql = "SELECT %(a)s::text WHERE " + " AND ".join(["1 = 1"] * 1000)  # about 8 KB
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(long_sql, {"a": "x"}).all()
+            hits = _queries._query2pg.cache_info().hits
+            assert conn.exec_driver_sql(long_sql, {"a": "y"}).scalar_one() == "y"
+            assert _queries._query2pg.cache_info().hits == hits + 1
+    finally:
+        engine.dispose()
+
+
 def test_postgresql_connections_do_not_jit(backends) -> None:  # type: ignore[no-untyped-def]
     engine = create_engine(backends.fresh_url("postgresql"))
     try:

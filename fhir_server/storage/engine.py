@@ -21,6 +21,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 WRITE = "carebroker_write"  # execution option marking a connection that will write
 NO_TRANSACTION = "carebroker_no_transaction"  # SQLite: one statement, no BEGIN/COMMIT
 SQLITE_CACHE_ENV = "CAREBROKER_SQLITE_CACHE_MB"
+PSYCOPG_CACHED_STATEMENT_BYTES = 64 * 1024
 GENERIC_PLANS = "carebroker_generic_plans"  # a pooled PostgreSQL connection's info: its plan_cache_mode
 
 
@@ -37,6 +38,8 @@ def create_engine(url: str, **kwargs: object) -> sa.Engine:
 
 
 def _configure_postgresql(engine: sa.Engine) -> None:
+    _cache_long_statements()
+
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         # No JIT compilation: it pays off for long analytical queries, not for a FHIR server's
@@ -45,6 +48,16 @@ def _configure_postgresql(engine: sa.Engine) -> None:
         # in 7 ms took 110 ms (bench/README.md).
         dbapi_conn.execute("SET jit = off")
         dbapi_conn.commit()
+
+
+def _cache_long_statements() -> None:
+    """psycopg rewrites a statement's `%(name)s` placeholders at every execution unless its text is
+    at most 4 KB (its cache of rewrites skips longer ones, meant for generated multi-row INSERTs,
+    which its limit of 50 parameters still keeps out). A search under an access policy is 5 KB or
+    more, the same text each time: the rewrite cost 0.25 ms per search (bench/README.md)."""
+    from psycopg import _queries
+
+    _queries.MAX_CACHED_STATEMENT_LENGTH = max(_queries.MAX_CACHED_STATEMENT_LENGTH, PSYCOPG_CACHED_STATEMENT_BYTES)
 
 
 def use_generic_plans(conn: sa.Connection, generic: bool) -> None:
