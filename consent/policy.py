@@ -141,16 +141,13 @@ def _in(column: sa.ColumnElement[Any], values: Any) -> sa.ColumnElement[bool]:
     return _AmongMarker(column, values) if isinstance(values, _ListMarker) else column.in_(values)
 
 
-def _bind(key: str, dialect: sa.Dialect) -> sa.BindParameter[Any]:
-    """The parameter `key` of a condition compiled by `_role_shape`, its value taken from `_BINDS`
-    (for `dialect`: a list's value is its string in that database's form, `_list_string`)."""
-    if key not in _LISTS:
-        kind = sa.BigInteger() if key == "pol_now" else sa.String()
-        return sa.bindparam(key, type_=kind, callable_=lambda: _BINDS.get()[key])
-    # untyped: PostgreSQL takes the string's type from the CAST around it, TEXT[], and parses it
-    # once per execution (not at each row, as a cast of a VARCHAR would be)
-    one = f"{key}.{dialect.name}"
-    return sa.bindparam(key, type_=sa.types.NullType(), callable_=lambda: _BINDS.get()[one])
+def _bind(key: str) -> sa.BindParameter[Any]:
+    """The parameter `key` of a condition compiled by `_role_shape`, its value taken from `_BINDS`.
+    A list's value is one string (`_list_string`), bound untyped: PostgreSQL takes its type from
+    the CAST around it, TEXT[], and parses it once per execution (not at each row, as a cast of a
+    VARCHAR would be)."""
+    kind = sa.types.NullType() if key in _LISTS else sa.BigInteger() if key == "pol_now" else sa.String()
+    return sa.bindparam(key, type_=kind, callable_=lambda: _BINDS.get()[key])
 
 
 def _list_string(values: Sequence[str], dialect: str) -> str:
@@ -269,9 +266,9 @@ class RequestPolicy:
 
     @functools.cached_property
     def _binds(self) -> dict[str, Any]:
-        """The caller's values for the conditions' parameters; lists as this database binds them."""
+        """The caller's values for the conditions' parameters, lists as this database binds them."""
         values = self.caller.binds()
-        return values | {f"{k}.{self.dialect.name}": _list_string(values[k], self.dialect.name) for k in _LISTS}
+        return values | {k: _list_string(values[k], self.dialect.name) for k in _LISTS}
 
     @functools.cached_property
     def _direct_care_only(self) -> bool:
@@ -442,7 +439,7 @@ def _role_shape(rules: tuple[RoleRule, ...], permission: str, types: tuple[str, 
     query = sa.select(sa.literal(1)).select_from(row).where(cond)
     sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True})).split("\nWHERE ", 1)[1]
     keys = sorted(set(re.findall(r":(pol_\w+)", sql)))
-    return sa.text(f"({sql})").bindparams(*(_bind(k, dialect) for k in keys))
+    return sa.text(f"({sql})").bindparams(*(_bind(k) for k in keys))
 
 
 def _rows(rule: RoleRule, permission: str, r: sa.FromClause, exact: bool, caller: Any) -> sa.ColumnElement[bool] | None:
